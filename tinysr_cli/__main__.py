@@ -1,0 +1,3 @@
+from tinysr_cli.cli.main import main
+
+main()

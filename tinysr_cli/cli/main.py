@@ -1,0 +1,81 @@
+"""Entry point: wires the commands and holds the one error boundary.
+
+Each command lives in its own module; this file only registers them. Heavy imports (torch,
+diffusers, training code) happen inside the command modules, so ``tinysr --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from tinysr_cli import __version__
+from tinysr_cli.cli import console
+from tinysr_cli.errors import TinySRError
+
+app = typer.Typer(
+    name="tinysr",
+    help="Upscale photos, folders and videos 4x with TinySR (one-step diffusion super-resolution).",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+weights_app = typer.Typer(
+    help="Create, inspect, import, download and verify model weights.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(weights_app, name="weights")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tinysr {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+) -> None:
+    """tinysr: 4x super-resolution with TinySR."""
+
+
+def _register() -> None:
+    from tinysr_cli.cli import weights
+
+    weights_app.command("init")(weights.init_command)
+    weights_app.command("info")(weights.info_command)
+
+
+_register()
+
+
+def main() -> None:
+    """Run the CLI; known errors become one line on stderr and exit code 1."""
+    try:
+        app(standalone_mode=False)
+    except TinySRError as exc:
+        console.error(str(exc), hint=exc.hint)
+        sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        console.error("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        console.error("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # the boundary: no traceback unless asked for
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if os.environ.get("TINYSR_DEBUG"):
+            raise
+        console.error(f"{type(exc).__name__}: {exc}", hint="set TINYSR_DEBUG=1 for the traceback")
+        sys.exit(1)

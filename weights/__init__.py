@@ -1,0 +1,1 @@
+"""Model registry data (installed as ``tinysr_cli._registry``)."""
