@@ -45,8 +45,9 @@ def _root(
 
 
 def _register() -> None:
-    from tinysr_cli.cli import weights
+    from tinysr_cli.cli import upscale, weights
 
+    app.command("upscale", no_args_is_help=True)(upscale.upscale_command)
     weights_app.command("init")(weights.init_command)
     weights_app.command("info")(weights.info_command)
 
@@ -57,7 +58,7 @@ _register()
 def main() -> None:
     """Run the CLI; known errors become one line on stderr and exit code 1."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except TinySRError as exc:
         console.error(str(exc), hint=exc.hint)
         sys.exit(1)
@@ -79,3 +80,4 @@ def main() -> None:
             raise
         console.error(f"{type(exc).__name__}: {exc}", hint="set TINYSR_DEBUG=1 for the traceback")
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,76 @@
+"""`tinysr upscale`: files, folders and globs in; one bad file never stops the batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tinysr_cli.cli import console
+
+_ENGINE = "Engine"
+_OUTPUT = "Output"
+
+
+def upscale_command(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.", show_default=False)],
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="Output file (one input) or folder. Default: next to each input."),
+    ] = None,
+    model: Annotated[Optional[str], typer.Option(help="Weights: a local .safetensors file.", rich_help_panel=_ENGINE)] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=_ENGINE)] = "auto",
+    precision: Annotated[
+        str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.", rich_help_panel=_ENGINE)
+    ] = "auto",
+    tile: Annotated[int, typer.Option(help="Backbone tile in latent pixels (64 = 512 px).", rich_help_panel=_ENGINE)] = 64,
+    tile_overlap: Annotated[int, typer.Option(help="Overlap of backbone tiles, latent pixels.", rich_help_panel=_ENGINE)] = 8,
+    batch_size: Annotated[int, typer.Option(help="Tiles per forward pass; 0 = automatic.", rich_help_panel=_ENGINE)] = 0,
+    color_fix: Annotated[
+        Optional[str], typer.Option(help="adain, wavelet or none (default: the model's).", rich_help_panel=_ENGINE)
+    ] = None,
+    scale: Annotated[
+        Optional[float], typer.Option(help="Final scale (the model runs at 4x, then Lanczos).", rich_help_panel=_OUTPUT)
+    ] = None,
+    width: Annotated[Optional[int], typer.Option(help="Final width in pixels.", rich_help_panel=_OUTPUT)] = None,
+    height: Annotated[Optional[int], typer.Option(help="Final height in pixels.", rich_help_panel=_OUTPUT)] = None,
+    output_format: Annotated[
+        Optional[str], typer.Option("--format", help="png, jpg, webp, tiff or bmp (default: the input's).", rich_help_panel=_OUTPUT)
+    ] = None,
+    quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG/WebP quality.", rich_help_panel=_OUTPUT)] = 95,
+    suffix: Annotated[
+        Optional[str], typer.Option(help="Added to output names (default '_x4' beside the input, else none).", rich_help_panel=_OUTPUT)
+    ] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders, mirroring the tree.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs (default: skip them, so re-runs resume).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes; errors only.")] = False,
+) -> None:
+    """Upscale images 4x with TinySR."""
+    from tinysr_cli.cli.upscale_run import BatchOptions, run_batch
+    from tinysr_cli.engine.upscaler import UpscaleOptions
+    from tinysr_cli.errors import TinySRError
+    from tinysr_cli.io.paths import plan_jobs
+
+    if scale is not None and (width is not None or height is not None):
+        raise TinySRError("--scale cannot be combined with --width/--height")
+    try:
+        engine_options = UpscaleOptions(tile=tile, tile_overlap=tile_overlap, batch_size=batch_size, color_fix=color_fix)
+    except ValueError as exc:
+        raise TinySRError(str(exc)) from None
+    plan = plan_jobs(inputs, output, recursive=recursive, suffix=suffix, output_format=output_format)
+    options = BatchOptions(
+        model=model,
+        device=device,
+        precision=precision,
+        engine=engine_options,
+        scale=scale,
+        width=width,
+        height=height,
+        quality=quality,
+        overwrite=overwrite,
+        quiet=quiet,
+    )
+    failures = run_batch(plan, options)
+    if failures:
+        raise typer.Exit(1)

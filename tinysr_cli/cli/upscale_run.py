@@ -1,0 +1,152 @@
+"""The batch loop behind `tinysr upscale`: load the model once, process jobs, render progress."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from tinysr_cli.cli import console
+from tinysr_cli.engine.device import resolve_device, resolve_precision
+from tinysr_cli.engine.upscaler import UpscaleOptions, Upscaler
+from tinysr_cli.errors import TinySRError
+from tinysr_cli.io.images import ALPHA_SUFFIXES, LoadedImage, load_image, save_image
+from tinysr_cli.io.paths import Job, Plan
+from tinysr_cli.models.tinysr import UPSCALE
+from tinysr_cli.weights.format import load_weights
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    model: str | None
+    device: str
+    precision: str
+    engine: UpscaleOptions
+    scale: float | None
+    width: int | None
+    height: int | None
+    quality: int
+    overwrite: bool
+    quiet: bool
+
+
+def load_upscaler(options: BatchOptions) -> Upscaler:
+    if options.model is None:
+        raise TinySRError("no model given", hint="pass --model FILE.safetensors (create a test one with `tinysr weights init`)")
+    device = resolve_device(options.device)
+    dtype = resolve_precision(options.precision, device)
+    model, info = load_weights(Path(options.model))
+    return Upscaler(model, device=device, dtype=dtype, options=options.engine, default_color_fix=info.color_fix)
+
+
+def final_size(height: int, width: int, options: BatchOptions) -> tuple[int, int]:
+    """Output (height, width): 4x, or what --scale/--width/--height ask for (aspect kept if one is given)."""
+    if options.width and options.height:
+        return options.height, options.width
+    if options.width:
+        return max(1, round(height * options.width / width)), options.width
+    if options.height:
+        return options.height, max(1, round(width * options.height / height))
+    factor = options.scale if options.scale is not None else UPSCALE
+    return max(1, round(height * factor)), max(1, round(width * factor))
+
+
+def resample(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Lanczos resampling of a [C, H, W] float image (a no-op at the same size)."""
+    if tuple(image.shape[-2:]) == size:
+        return image
+    array = image.permute(1, 2, 0).numpy()
+    resized = cv2.resize(array, (size[1], size[0]), interpolation=cv2.INTER_LANCZOS4)
+    if resized.ndim == 2:
+        resized = resized[..., None]
+    return torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).clamp_(0, 1)
+
+
+def upscale_alpha(alpha: torch.Tensor) -> torch.Tensor:
+    """Alpha is not restored by the model: bicubic x4, clamped."""
+    return F.interpolate(alpha[None], scale_factor=UPSCALE, mode="bicubic", align_corners=False)[0].clamp_(0, 1)
+
+
+def process_image(upscaler: Upscaler, job: Job, options: BatchOptions, progress) -> None:
+    image: LoadedImage = load_image(job.source)
+    output = job.output
+    if image.alpha is not None and output.suffix.lower() not in ALPHA_SUFFIXES:
+        raise TinySRError(f"{job.source}: has transparency, which {output.suffix} cannot store", hint="use --format png or webp")
+    rgb = upscaler.upscale(image.rgb, progress)
+    alpha = upscale_alpha(image.alpha) if image.alpha is not None else None
+    size = final_size(*image.size, options)
+    rgb = resample(rgb, size)
+    alpha = resample(alpha, size) if alpha is not None else None
+    save_image(output, rgb, alpha, quality=options.quality, metadata=image.metadata)
+
+
+def run_batch(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
+    """Process every job; returns the failures as (input, message). Results go to stdout."""
+    failures: list[tuple[Path, str]] = []
+    done = skipped = 0
+    if not options.quiet:
+        for path, reason in plan.skipped:
+            console.note(f"skipped {path}: {reason}")
+    pending = []
+    claimed: dict[Path, Path] = {}
+    for job in plan.jobs:
+        key = job.output.resolve()
+        if key == job.source.resolve():
+            failures.append((job.source, f"{job.source}: the output path is the input file"))
+            console.error(failures[-1][1])
+        elif key in claimed:
+            failures.append((job.source, f"{job.source}: output {job.output} is also the output of {claimed[key]}"))
+            console.error(failures[-1][1])
+        elif job.output.exists() and not options.overwrite:
+            skipped += 1
+            if not options.quiet:
+                console.note(f"skipped {job.source}: {job.output} exists (use --overwrite)")
+        else:
+            claimed[key] = job.source
+            pending.append(job)
+
+    upscaler = load_upscaler(options) if pending else None
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console.stderr, disable=options.quiet, transient=True) as bar:
+        files_task = bar.add_task("files", total=len(pending))
+        tiles_task = bar.add_task("tiles", total=None)
+
+        def on_progress(stage: str, current: int, total: int) -> None:
+            bar.update(tiles_task, completed=current, total=total)
+
+        for job in pending:
+            bar.update(files_task, description=f"files ({job.source.name})")
+            started = time.perf_counter()
+            try:
+                process_image(upscaler, job, options, on_progress)
+            except TinySRError as exc:
+                failures.append((job.source, str(exc)))
+                console.error(str(exc))
+            except (OSError, ValueError, RuntimeError) as exc:
+                message = f"{job.source}: {type(exc).__name__}: {exc}"
+                failures.append((job.source, message))
+                console.error(message)
+            else:
+                done += 1
+                console.stdout.print(str(job.output), markup=False)
+                if not options.quiet:
+                    console.note(f"{job.source} -> {job.output} ({time.perf_counter() - started:.1f} s)")
+            bar.advance(files_task)
+
+    if not options.quiet or failures:
+        console.note(f"{done} upscaled, {skipped} skipped, {len(failures)} failed")
+    for path, _ in failures:
+        console.note(f"  failed: {path}")
+    return failures

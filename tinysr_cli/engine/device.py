@@ -1,0 +1,53 @@
+"""Device and precision policy: CUDA fp16 by default, fp32 on the CPU, never fp16 on the CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from tinysr_cli.errors import TinySRError
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then the CPU; explicit names are checked with a clear message."""
+    name = name.strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TinySRError(f"unknown device {name!r}", hint="use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise TinySRError(
+                "this PyTorch build has no CUDA support",
+                hint="install a CUDA build of torch (see pytorch.org) or use --device cpu",
+            )
+        if not torch.cuda.is_available():
+            raise TinySRError("no CUDA device is visible", hint="check the driver and CUDA_VISIBLE_DEVICES, or use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise TinySRError(f"{name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise TinySRError("MPS is not available on this machine", hint="use --device cpu")
+    elif device.type not in {"cpu", "cuda", "mps"}:
+        raise TinySRError(f"unsupported device {name!r}", hint="use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` is fp16 on CUDA/MPS and fp32 on the CPU; fp16 on the CPU is refused."""
+    name = name.strip().lower()
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if name not in PRECISIONS:
+        raise TinySRError(f"unknown precision {name!r}", hint="use auto, fp32, fp16 or bf16")
+    if name == "fp16" and device.type == "cpu":
+        raise TinySRError("fp16 is not supported on the CPU (slow and inaccurate there)", hint="use --precision bf16 or fp32")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TinySRError("this GPU does not support bf16", hint="use --precision fp16 or fp32")
+    return PRECISIONS[name]

@@ -1,0 +1,164 @@
+"""The one-step 4x pipeline around a ``TinySR`` model, tiled so any size fits in memory.
+
+LR [0, 1] -> bicubic x4 (torch, a = -0.75) -> [-1, 1] -> reflect-pad -> encode (tiled, exact) ->
+velocity on overlapping latent tiles, batched and Gaussian-blended -> ``z - v`` -> decode (tiled,
+exact) -> clamp -> crop -> colour fix against the LR. Images and output canvases stay on the CPU;
+only tiles visit the device. Nothing per call is stored on the object, so one ``Upscaler`` may
+serve several threads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tinysr_cli.engine import color
+from tinysr_cli.engine.tiling import Tile, blend_tiles, plan_tiles, run_with_context
+from tinysr_cli.models.tinysr import UPSCALE, TinySR
+from tinysr_cli.models.vae import decoder_receptive_radius, encoder_receptive_radius
+
+COLOR_FIXES = ("adain", "wavelet", "none")
+
+# progress(stage, done, total): stage is "tiles" for backbone tiles.
+ProgressCallback = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class UpscaleOptions:
+    tile: int = 64  # backbone tile side, in latent pixels (64 = 512 output pixels)
+    tile_overlap: int = 8  # latent pixels shared by neighbouring tiles
+    batch_size: int = 0  # backbone tiles per forward pass; 0 picks one for the device
+    color_fix: str | None = None  # None: the weights file's default
+    vae_tile: int = 128  # VAE tile side, in latent pixels (exact at any value)
+
+    def __post_init__(self) -> None:
+        if self.color_fix is not None and self.color_fix not in COLOR_FIXES:
+            raise ValueError(f"color_fix must be one of {COLOR_FIXES}")
+        if not 0 <= self.tile_overlap < self.tile:
+            raise ValueError("tile_overlap must be at least 0 and smaller than tile")
+        if self.batch_size < 0 or self.vae_tile < 8:
+            raise ValueError("batch_size must be >= 0 and vae_tile >= 8")
+
+
+class Upscaler:
+    """Runs ``model`` on ``device`` in ``dtype``; inputs and outputs are float32 CPU tensors in [0, 1].
+
+    The upscaler takes ownership of ``model``: it is moved to ``device`` and cast to ``dtype`` in place.
+    """
+
+    def __init__(
+        self,
+        model: TinySR,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        options: UpscaleOptions = UpscaleOptions(),
+        default_color_fix: str = "adain",
+    ) -> None:
+        config = model.config
+        patch = config.transformer.patch_size
+        if options.tile % patch or options.tile > config.transformer.max_latent_size:
+            raise ValueError(
+                f"tile must be a multiple of {patch} and at most {config.transformer.max_latent_size} latent pixels"
+            )
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.options = options
+        self.color_fix = options.color_fix or default_color_fix
+        self.model = model.to(self.device, dtype).eval().requires_grad_(False)
+        self.downscale = config.vae.downscale
+        self.pad_multiple = self.downscale * patch
+        self.min_lr_side = config.min_lr_side
+        self.encoder_context = math.ceil(encoder_receptive_radius(self.model.vae.encoder))
+        self.decoder_context = math.ceil(decoder_receptive_radius(self.model.vae.decoder))
+        self.batch_size = options.batch_size or (1 if self.device.type == "cpu" else 8)
+
+    @torch.inference_mode()
+    def upscale(self, image: torch.Tensor, progress: ProgressCallback | None = None) -> torch.Tensor:
+        """[3, H, W] -> [3, 4H, 4W]."""
+        return self.upscale_batch(image[None], progress)[0]
+
+    @torch.inference_mode()
+    def upscale_batch(self, images: torch.Tensor, progress: ProgressCallback | None = None) -> torch.Tensor:
+        """[N, 3, H, W] -> [N, 3, 4H, 4W]; all images share one tile grid, so equal inputs give equal outputs."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected [N, 3, H, W] images, got {tuple(images.shape)}")
+        images = images.to("cpu", torch.float32)
+        height, width = images.shape[-2:]
+        work = self._enlarge_small(images)
+        bicubic = F.interpolate(work, scale_factor=UPSCALE, mode="bicubic", align_corners=False)
+        sr = self._restore(bicubic * 2 - 1, progress)
+        sr = (sr + 1) / 2
+        if work.shape[-2:] != images.shape[-2:]:
+            sr = F.interpolate(sr, size=(height * UPSCALE, width * UPSCALE), mode="bicubic", antialias=True, align_corners=False)
+        return self._color_fix(sr, images).clamp_(0, 1)
+
+    def _enlarge_small(self, images: torch.Tensor) -> torch.Tensor:
+        """Inputs whose short side is below the model's minimum are enlarged to it (bicubic)."""
+        height, width = images.shape[-2:]
+        short = min(height, width)
+        if short >= self.min_lr_side:
+            return images
+        factor = self.min_lr_side / short
+        size = (max(self.min_lr_side, math.ceil(height * factor)), max(self.min_lr_side, math.ceil(width * factor)))
+        return F.interpolate(images, size=size, mode="bicubic", align_corners=False)
+
+    def _restore(self, pixels: torch.Tensor, progress: ProgressCallback | None) -> torch.Tensor:
+        """[-1, 1] bicubic image -> restored image clamped to [-1, 1], same size."""
+        height, width = pixels.shape[-2:]
+        pad_h, pad_w = -height % self.pad_multiple, -width % self.pad_multiple
+        if pad_h or pad_w:
+            pixels = F.pad(pixels, (0, pad_w, 0, pad_h), mode="reflect")
+        latent = run_with_context(
+            pixels,
+            self._encode,
+            downscale=self.downscale,
+            tile=self.options.vae_tile,
+            context=self.encoder_context,
+        )
+        restored = latent - self._velocity(latent, progress)
+        out = run_with_context(
+            restored,
+            self._decode,
+            upscale=self.downscale,
+            tile=self.options.vae_tile * self.downscale,
+            context=self.decoder_context,
+        )
+        return out[..., :height, :width].clamp_(-1, 1)
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.vae.encode(pixels.to(self.device, self.dtype)).to("cpu", torch.float32)
+
+    def _decode(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.model.vae.decode(latent.to(self.device, self.dtype)).to("cpu", torch.float32)
+
+    def _velocity(self, latent: torch.Tensor, progress: ProgressCallback | None) -> torch.Tensor:
+        """Backbone velocity over overlapping tiles, blended with normalised Gaussian weights."""
+        tiles = plan_tiles(*latent.shape[-2:], self.options.tile, self.options.tile_overlap)
+        done = 0
+
+        def report(count: int) -> None:
+            nonlocal done
+            done += count
+            if progress is not None:
+                progress("tiles", done, len(tiles))
+
+        def run(batch: list[Tile]) -> torch.Tensor:
+            crops = torch.cat([latent[..., t.y0 : t.y1, t.x0 : t.x1] for t in batch])
+            return self.model.transformer(crops.to(self.device, self.dtype))
+
+        if progress is not None:
+            progress("tiles", 0, len(tiles))
+        return blend_tiles(tuple(latent.shape), tiles, run, self.batch_size, report)
+
+    def _color_fix(self, sr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+        if self.color_fix == "adain":
+            return color.adain(sr, lr)
+        if self.color_fix == "wavelet":
+            lr_up = F.interpolate(lr, size=sr.shape[-2:], mode="bicubic", align_corners=False)
+            return color.wavelet(sr, lr_up)
+        return sr
