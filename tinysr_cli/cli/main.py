@@ -45,11 +45,17 @@ def _root(
 
 
 def _register() -> None:
-    from tinysr_cli.cli import upscale, weights
+    from tinysr_cli.cli import hub, upscale, weights
 
     app.command("upscale", no_args_is_help=True)(upscale.upscale_command)
     weights_app.command("init")(weights.init_command)
     weights_app.command("info")(weights.info_command)
+    weights_app.command("list")(hub.list_command)
+    weights_app.command("download")(hub.download_command)
+    weights_app.command("verify")(hub.verify_command)
+    weights_app.command("path")(hub.path_command)
+    weights_app.command("push")(hub.push_command)
+    weights_app.command("remove")(hub.remove_command)
 
 
 _register()
