@@ -15,7 +15,7 @@ from typing import Any
 
 from tinysr_cli.errors import TinySRError
 from training.prune.search import Objective, SearchSettings
-from training.prune.space import GroupLayout
+from training.prune.space import GroupLayout, ratio_preset
 from training.prune.teachers import TEACHER_KINDS, TeacherSpec
 
 LEARNED_METHODS = ("tinysr", "tinyfusion")
@@ -169,8 +169,13 @@ def _space(table: dict[str, Any]) -> SpaceSpec:
         raise RecipeError("[space] needs exactly one of: keep + group_size, ratio, groups")
     if chosen[2] and not (isinstance(spec.keep, int) and isinstance(spec.group_size, int)):
         raise RecipeError("space.keep and space.group_size must both be integers")
-    if chosen[1] and not isinstance(spec.ratio, (int, float)):
-        raise RecipeError("space.ratio must be a number")
+    if chosen[1]:
+        if not isinstance(spec.ratio, (int, float)):
+            raise RecipeError("space.ratio must be a number")
+        try:
+            ratio_preset(spec.ratio)
+        except ValueError as error:
+            raise RecipeError(f"[space]: {error}") from None
     return spec
 
 

@@ -98,7 +98,9 @@ class MaskSearch:
         device = next(stack.parameters()).device
         self.stack, self.settings, self.objective = stack, settings, objective
         self.sampler = MaskSampler(layout, settings.inter_block).to(device)
-        self.lora = attach_lora(stack, settings.lora_rank, settings.lora_alpha) if settings.lora_rank else []
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)  # LoRA A matrices are random: make a run reproducible from its seed
+            self.lora = attach_lora(stack, settings.lora_rank, settings.lora_alpha) if settings.lora_rank else []
         if not self.lora:
             stack.requires_grad_(False)
         groups = [{"params": list(self.sampler.parameters()), "lr": settings.gate_lr}]

@@ -25,6 +25,14 @@ RATIO_PRESETS: dict[float, tuple[int, int]] = {0.33: (2, 3), 0.5: (2, 4), 0.67: 
 GATE_MOVES = ("shrink_first", "balanced", "grow_first")
 
 
+def ratio_preset(ratio: float) -> tuple[int, int]:
+    """(N, M) for one of the preset pruning ratios."""
+    for preset, keep_size in RATIO_PRESETS.items():
+        if abs(preset - ratio) < 1e-9:
+            return keep_size
+    raise ValueError(f"no preset for pruning ratio {ratio}; choose one of {sorted(RATIO_PRESETS)}")
+
+
 @dataclass(frozen=True)
 class Group:
     """Blocks ``start .. start + size - 1`` of the teacher, of which ``keep`` survive."""
@@ -90,10 +98,7 @@ class GroupLayout:
     @classmethod
     def for_ratio(cls, num_layers: int, ratio: float) -> GroupLayout:
         """One of Table C.2's pruning ratios (0.33, 0.5, 0.67) as uniform N:M groups."""
-        for preset, (keep, size) in RATIO_PRESETS.items():
-            if abs(preset - ratio) < 1e-9:
-                return cls.uniform(num_layers, keep, size)
-        raise ValueError(f"no preset for pruning ratio {ratio}; choose one of {sorted(RATIO_PRESETS)}")
+        return cls.uniform(num_layers, *ratio_preset(ratio))
 
     @property
     def num_layers(self) -> int:
