@@ -25,9 +25,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 USER = "test-user"
@@ -72,6 +74,27 @@ class _Fault:
     sha256: str
     cut_at: int
     times: int | None  # how many responses to cut; None: all of them
+
+
+def client_env(home: Path, endpoint: str | None = None, **extra: str) -> dict[str, str]:
+    """A clean environment for a client process: its own HOME, HF_HOME and config folder, no proxies.
+
+    ``HF_HUB_DISABLE_XET`` is set because this server speaks only the LFS upload protocol.
+    """
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(home),
+        "HF_HOME": str(home / "hf"),
+        "XDG_CONFIG_HOME": str(home / "config"),
+        "HF_HUB_DISABLE_XET": "1",
+        "OMP_NUM_THREADS": "1",
+        "COLUMNS": "200",
+        "LANG": "C.UTF-8",
+    }
+    if endpoint is not None:
+        env["HF_ENDPOINT"] = endpoint
+    env.update(extra)
+    return env
 
 
 class HubServer:
@@ -145,6 +168,10 @@ class HubServer:
         """Send only the first ``at`` bytes of ``content`` (despite Content-Length), then hang up."""
         with self._lock:
             self._faults.append(_Fault(hashlib.sha256(content).hexdigest(), at, times))
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
 
     def file_at(self, repo_id: str, revision: str, path: str) -> bytes | None:
         with self._lock:

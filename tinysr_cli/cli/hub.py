@@ -211,4 +211,4 @@ def remove_command(
     if removed == 0:
         console.note(f"{source.label}: nothing cached")
         return
-    console.note(f"{source.label}: removed {removed} cached revision(s) of {source.filename}, freed {_human(freed)}")
+    console.note(f"{source.label}: removed {removed} cached cop{'y' if removed == 1 else 'ies'} of {source.filename}, freed {_human(freed)}")

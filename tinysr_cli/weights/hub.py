@@ -48,10 +48,10 @@ IMPORT_HINT = "convert the authors' release with `tinysr weights import-official
 def ways_out() -> str:
     """What a user can do when the default model cannot be had from the Hub."""
     return (
-        "the authors publish TinySR on Google Drive, not the Hub: download their release (linked from "
+        "TinySR's authors publish on Google Drive, not the Hub: download their release (linked from "
         "github.com/Microtreei/TinySR; a Drive folder can be fetched with e.g. `gdown --folder URL`), convert it with "
-        "`tinysr weights import-official DIR -o model.safetensors` and pass `--model model.safetensors`, or make it "
-        f"the default with TINYSR_MODEL or `model = \"...\"` in {config_path()}; "
+        "`tinysr weights import-official DIR -o model.safetensors` and pass `--model model.safetensors` (or make it "
+        f"the default with TINYSR_MODEL or `model = \"...\"` in {config_path()}); "
         "or pass `--model owner/name` for tinysr weights hosted on the Hub"
     )
 
@@ -204,7 +204,7 @@ def _download(source: HubFile, progress: bool) -> Path:
     from huggingface_hub.utils import silent_tqdm
 
     label, repo = source.label, source.repo_id
-    hint = ways_out() if source.entry is not None else "check the repo id and revision, or " + ways_out()
+    hint = ways_out() if source.entry is not None else "check the repo id and revision. Otherwise: " + ways_out()
     try:
         return Path(
             hf_hub_download(

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
 from tinysr_cli.errors import WeightsError
 
 if sys.version_info >= (3, 11):
@@ -118,6 +121,10 @@ def _parse_entry(name: str, table: object, origin: str) -> ModelEntry:
     repo_id = _require_str(table, "repo_id", where)
     if repo_id.count("/") != 1:
         raise WeightsError(f"{where}: repo_id must be 'owner/name', not {repo_id!r}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise WeightsError(f"{where}: {exc}") from None
     filename = _require_str(table, "filename", where)
     if not filename.endswith(".safetensors"):
         raise WeightsError(f"{where}: filename must be a .safetensors file, not {filename!r}")
