@@ -14,8 +14,10 @@ Files are stored in huggingface_hub's own cache (``HF_HOME`` / ``HF_HUB_CACHE``)
 ``hf_hub_download`` (which honours ``HF_ENDPOINT``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE``), and
 checked before use: the registry's sha256 and size when known, else the Hub's own content hash
 (the cache names each blob by its ETag: the LFS sha256, or the git blob sha1 for small files),
-then tinysr's format header. A file that fails the hash is removed from the cache. Pickled
-checkpoints are refused; nothing here unpickles anything.
+then tinysr's format header, on every resolution (hashing runs at about 2 GB/s, a fraction of
+the model's load time). A file that fails the hash is removed from the cache. Where the cache
+cannot use symlinks (some Windows setups) it keeps no ETag, and only a registry sha256 can be
+checked. Pickled checkpoints are refused; nothing here unpickles anything.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ class Integrity:
 
 
 def parse_model_spec(spec: str, registry: Registry | None = None) -> Path | HubFile:
-    """Turn a ``--model`` value into a local path or a Hub file (no network, no file reads)."""
+    """Turn a ``--model`` value into a local path or a Hub file (no network; file contents are not read)."""
     text = spec.strip()
     if not text:
         raise WeightsError("empty model name", hint="pass a registry name, owner/name or a .safetensors file")
@@ -252,21 +254,20 @@ def cached_path(source: HubFile) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def _hash_file(path: Path, digest: hashlib._Hash) -> str:
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    return _hash_file(path, hashlib.sha256())
 
 
 def _git_blob_sha1(path: Path, size: int) -> str:
     """Git's object id of a file: what the Hub uses as the ETag of files not stored with LFS."""
-    digest = hashlib.sha1(f"blob {size}\0".encode())
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return _hash_file(path, hashlib.sha1(f"blob {size}\0".encode()))
 
 
 def hub_etag(path: Path) -> str | None:
@@ -496,6 +497,7 @@ def push_weights(
     The repo is created if needed (``HfApi.create_repo``); authentication is huggingface_hub's
     (``hf auth login`` or ``HF_TOKEN``).
     """
+    import httpx2
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
@@ -524,4 +526,7 @@ def push_weights(
                 hint="log in with a write token (`hf auth login` or HF_TOKEN) and check you may write to that namespace",
             ) from None
         raise WeightsError(f"upload to {repo_id} failed: HTTP {status}: {str(exc).strip().splitlines()[0]}") from None
+    except (OSError, httpx2.HTTPError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WeightsError(f"upload to {repo_id} failed: {reason}", hint="check the connection (and that HF_HUB_OFFLINE is not set)") from None
     return PushResult(repo_id, filename, commit.oid, commit.commit_url, digest, size)
