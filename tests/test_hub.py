@@ -106,6 +106,14 @@ def test_first_download_then_cached_with_the_server_gone(hub, home, weights):
     assert second == first
 
 
+def test_hf_hub_cache_moves_the_cache(hub, home, weights, tmp_path):
+    hub.add_commit("team/tiny", {DEFAULT_FILENAME: weights[1]})
+    elsewhere = tmp_path / "elsewhere"
+    [result] = resolve(client_env(home, hub.endpoint, HF_HUB_CACHE=str(elsewhere)), "team/tiny")
+    assert Path(result["path"]).is_relative_to(elsewhere / "models--team--tiny" / "snapshots")
+    assert not (home / "hf" / "hub").exists()
+
+
 def test_revision_pinning_and_no_request_for_a_cached_commit(hub, home, weights):
     old = hub.add_commit("team/tiny", {DEFAULT_FILENAME: weights[1]})
     hub.tag("team/tiny", "v1", old)
