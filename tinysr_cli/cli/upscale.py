@@ -19,7 +19,11 @@ def upscale_command(
         Optional[Path],
         typer.Option("--output", "-o", help="Output file (one input) or folder. Default: next to each input."),
     ] = None,
-    model: Annotated[Optional[str], typer.Option(help="Weights: a local .safetensors file.", rich_help_panel=_ENGINE)] = None,
+    model: Annotated[Optional[str], typer.Option(
+            help="Registry name, owner/name[@revision][/file.safetensors], hf:// URI or local .safetensors "
+            "(default: the configured model, see docs/weights.md).",
+            rich_help_panel=_ENGINE,
+        )] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=_ENGINE)] = "auto",
     precision: Annotated[
         str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.", rich_help_panel=_ENGINE)

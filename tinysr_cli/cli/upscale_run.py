@@ -20,6 +20,7 @@ from tinysr_cli.io.images import ALPHA_SUFFIXES, LoadedImage, load_image, save_i
 from tinysr_cli.io.paths import Job, Plan
 from tinysr_cli.models.tinysr import UPSCALE
 from tinysr_cli.weights.format import load_weights
+from tinysr_cli.weights.hub import resolve_model
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,9 @@ class BatchOptions:
 
 
 def load_upscaler(options: BatchOptions) -> Upscaler:
-    if options.model is None:
-        raise TinySRError("no model given", hint="pass --model FILE.safetensors (create a test one with `tinysr weights init`)")
     device = resolve_device(options.device)
     dtype = resolve_precision(options.precision, device)
-    model, info = load_weights(Path(options.model))
+    model, info = load_weights(resolve_model(options.model, progress=not options.quiet))
     return Upscaler(model, device=device, dtype=dtype, options=options.engine, default_color_fix=info.color_fix)
 
 
