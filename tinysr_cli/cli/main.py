@@ -45,9 +45,10 @@ def _root(
 
 
 def _register() -> None:
-    from tinysr_cli.cli import hub, upscale, weights
+    from tinysr_cli.cli import hub, train, upscale, weights
 
     app.command("upscale", no_args_is_help=True)(upscale.upscale_command)
+    app.command("train", no_args_is_help=True)(train.train_command)
     weights_app.command("init")(weights.init_command)
     weights_app.command("info")(weights.info_command)
     weights_app.command("list")(hub.list_command)
