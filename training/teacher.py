@@ -134,7 +134,7 @@ class Teacher(nn.Module):
     def __init__(
         self,
         transformer: nn.Module,
-        vae: nn.Module,
+        vae: nn.Module | None,
         prompt_embeds: torch.Tensor,
         pooled_embeds: torch.Tensor,
         latent_scale: float = SD3_LATENT_SCALE,
@@ -152,13 +152,19 @@ class Teacher(nn.Module):
     def num_blocks(self) -> int:
         return len(self.transformer.transformer_blocks)
 
+    def _require_vae(self) -> nn.Module:
+        if self.vae is None:
+            raise RuntimeError("this teacher was loaded without its VAE")
+        return self.vae
+
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """Image [B, 3, H, W] in [-1, 1] -> scaled latent (the posterior mean; deterministic)."""
-        posterior = self.vae.encode(image.to(self.vae.dtype)).latent_dist
-        return posterior.mode() * self.latent_scale
+        vae = self._require_vae()
+        return vae.encode(image.to(vae.dtype)).latent_dist.mode() * self.latent_scale
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latent.to(self.vae.dtype) / self.latent_scale).sample
+        vae = self._require_vae()
+        return vae.decode(latent.to(vae.dtype) / self.latent_scale).sample
 
     def velocity(self, latent: torch.Tensor) -> torch.Tensor:
         """The one-step prediction ``v`` at t = ``timestep`` with the default prompt."""
@@ -218,24 +224,30 @@ def load_transformer(spec: TeacherSpec) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def load_teacher(spec: TeacherSpec, device: torch.device | str = "cpu") -> Teacher:
-    """The full teacher on ``device`` in ``spec.dtype`` (float32 on the CPU); LoRA merged in float32."""
+def load_teacher(spec: TeacherSpec, device: torch.device | str = "cpu", with_vae: bool = True) -> Teacher:
+    """The teacher on ``device`` in ``spec.dtype`` (float32 on the CPU); LoRA merged in float32.
+
+    ``with_vae=False`` loads the transformer only (for online hidden-state distillation).
+    """
     from diffusers import AutoencoderKL
 
     device = torch.device(device)
     transformer = load_transformer(spec)
-    vae = _from_pretrained(AutoencoderKL, spec.sd3, "vae")
-    if spec.vae_lora is not None:
-        apply_lora(vae, read_lora_file(spec.vae_lora, vae), spec.lora_alpha)
+    vae = None
+    if with_vae:
+        vae = _from_pretrained(AutoencoderKL, spec.sd3, "vae")
+        if spec.vae_lora is not None:
+            apply_lora(vae, read_lora_file(spec.vae_lora, vae), spec.lora_alpha)
+        if vae.config.latent_channels != transformer.config.in_channels:
+            raise TinySRError(f"the VAE has {vae.config.latent_channels} latent channels, the transformer {transformer.config.in_channels}")
+        vae = vae.eval().requires_grad_(False)
     prompt, pooled = load_prompt_embeddings(spec)
     config = transformer.config
     if prompt.dim() != 3 or prompt.shape[-1] != config.joint_attention_dim:
         raise TinySRError(f"prompt embeddings have shape {tuple(prompt.shape)}, the transformer needs (1, S, {config.joint_attention_dim})")
     if pooled.dim() != 2 or pooled.shape[-1] != config.pooled_projection_dim:
         raise TinySRError(f"pooled embeddings have shape {tuple(pooled.shape)}, the transformer needs (1, {config.pooled_projection_dim})")
-    if vae.config.latent_channels != config.in_channels:
-        raise TinySRError(f"the VAE has {vae.config.latent_channels} latent channels, the transformer {config.in_channels}")
-    teacher = Teacher(transformer, vae.eval().requires_grad_(False), prompt, pooled, spec.latent_scale, spec.timestep)
+    teacher = Teacher(transformer, vae, prompt, pooled, spec.latent_scale, spec.timestep)
     return teacher.to(device=device, dtype=resolve_teacher_dtype(spec.dtype, device))
 
 

@@ -1,0 +1,102 @@
+"""`tinysr train`: run one stage of a training recipe (needs the ``train`` extra).
+
+The ``training`` package (and accelerate/peft with it) is imported inside the command, so the
+inference CLI never loads it. Multi-GPU: ``accelerate launch -m tinysr_cli train ...``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tinysr_cli.cli import console
+
+STAGES = ("prune", "cache", "vae", "restore", "export")
+
+
+class _RichReporter:
+    """Progress bars and notes on stderr, on the main process only."""
+
+    def __init__(self, progress) -> None:
+        self.bar = progress
+        self.tasks: dict[str, int] = {}
+
+    def note(self, message: str) -> None:
+        self.bar.console.print(message, markup=False, highlight=False)
+
+    def progress(self, task: str, completed: int, total: int, metrics: dict[str, float]) -> None:
+        if task not in self.tasks:
+            self.tasks[task] = self.bar.add_task(task, total=total, completed=completed, metrics="")
+        shown = "  ".join(f"{name} {value:.4g}" for name, value in sorted(metrics.items()))
+        self.bar.update(self.tasks[task], completed=completed, total=total, **({"metrics": shown} if shown else {}))
+
+
+def _run_prune(config: Path, output: Optional[Path], resume: bool, reporter) -> Path:
+    from training.prune import run_prune_stage
+
+    if output is None:
+        from tinysr_cli.errors import TinySRError
+
+        raise TinySRError("--stage prune needs --output DIR (where the search state and the decision file go)")
+
+    def on_progress(report) -> None:
+        reporter.progress("prune", report.step, report.steps, {"loss": report.loss, "tau": report.tau})
+
+    return run_prune_stage(config, output, resume, on_progress)
+
+
+def train_command(
+    stage: Annotated[str, typer.Option(help="prune, cache, vae, restore or export.", show_default=False)],
+    config: Annotated[Path, typer.Option("--config", "-c", help="The recipe (TOML), e.g. training/recipes/vae.toml.", show_default=False)],
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the output folder from its newest checkpoint.")] = False,
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Run folder (default: the recipe's run.output_dir); for export, the weights file.")
+    ] = None,
+    stop_at_step: Annotated[
+        Optional[int], typer.Option(min=1, help="Checkpoint and exit after this step (for time-limited jobs); continue with --resume.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes; errors only.")] = False,
+) -> None:
+    """Train TinySR: run one stage of a recipe (needs `pip install "tinysr\\[train]"`)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from tinysr_cli.errors import TinySRError
+
+    if stage not in STAGES:
+        raise TinySRError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    try:
+        import accelerate  # noqa: F401  (presence check for the extra)
+        import peft  # noqa: F401
+
+        from training.stages import run_stage
+        from training.stages.common import SilentReporter
+    except ImportError as exc:
+        raise TinySRError(f"training needs the train extra ({exc.name} is missing)", hint='pip install "tinysr[train]"') from None
+
+    main_process = os.environ.get("RANK", "0") == "0"
+    show = main_process and not quiet
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[metrics]}"),
+    )
+    with Progress(*columns, console=console.stderr, disable=not show) as bar:
+        reporter = _RichReporter(bar) if show else SilentReporter()
+        if stage == "prune":
+            decision = _run_prune(config, output, resume, reporter)
+            if main_process:
+                console.stdout.print(str(decision), markup=False)
+            return
+        result = run_stage(stage, config, output=output, resume=resume, reporter=reporter, stop_at_step=stop_at_step)
+    if not result.finished:
+        if show:
+            console.note(f"stopped at step {result.step}; continue with --resume")
+        return
+    if main_process:
+        console.stdout.print(str(result.output), markup=False)

@@ -1,0 +1,420 @@
+"""Recipes of the ``cache``, ``vae``, ``restore`` and ``export`` stages: TOML read with tomllib.
+
+Tables: ``[run]`` (output folder, seed, precision, checkpoints, logs), ``[teacher]``, ``[data]``
+(handed to ``training.data``), ``[cache]``, ``[student.vae]`` (``VAEConfig`` fields), ``[vae]``,
+``[restore]`` + ``[restore.lora]``, ``[discriminator]``, ``[export]``. A top-level ``stage`` names
+the stage the recipe is for. Unknown keys are errors (a typo must not silently become a default);
+relative paths are resolved against the recipe's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tinysr_cli.errors import TinySRError
+from tinysr_cli.models.vae import VAEConfig
+from tinysr_cli.weights.format import COLOR_FIXES
+from training.discriminator import DISCRIMINATORS, DiscriminatorSpec
+from training.latent_cache import CacheSpec
+from training.losses import PERCEPTUAL_LOSSES, REGRESSION_LOSSES
+from training.student import DEFAULT_LORA_TARGETS, LoraSpec
+from training.teacher import TeacherSpec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+STAGES = ("cache", "vae", "restore", "export")
+PRECISIONS = ("fp16", "bf16", "no")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
+# [run] keys that may change between a run and its resumption.
+OPERATIONAL_RUN_KEYS = ("output_dir", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers")
+
+
+class RecipeError(TinySRError):
+    """The recipe file is missing, unreadable or has a wrong value."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    output_dir: Path
+    seed: int = 80
+    mixed_precision: str = "fp16"  # fp16 falls back to "no" where there is no GPU
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 2
+    log_every: int = 100
+    num_workers: int = 4
+    max_grad_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """How one set of parameters is optimised (AdamW)."""
+
+    lr: float
+    weight_decay: float = 0.01
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+
+
+@dataclass(frozen=True)
+class VaeStageSpec:
+    batch_size: int = 64
+    encoder_steps: int = 100_000
+    encoder_lr: float = 3e-4
+    decoder_steps: int = 200_000
+    decoder_lr: float = 5e-4
+    weight_decay: float = 0.01
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    encoder_loss: str = "l2"
+    pixel_loss: str = "l1"
+    pixel_weight: float = 1.0
+    perceptual: str = "lpips"
+    perceptual_weight: float = 3.0
+    gan_weight: float = 1.0
+    gan_start_step: int = 0
+    discriminator_lr: float = 1e-5
+
+    @property
+    def steps(self) -> int:
+        return max(self.encoder_steps, self.decoder_steps)
+
+    def encoder_optim(self) -> OptimSpec:
+        return OptimSpec(self.encoder_lr, self.weight_decay, self.lr_scheduler, self.warmup_steps)
+
+    def decoder_optim(self) -> OptimSpec:
+        return OptimSpec(self.decoder_lr, self.weight_decay, self.lr_scheduler, self.warmup_steps)
+
+    def discriminator_optim(self) -> OptimSpec:
+        return OptimSpec(self.discriminator_lr, self.weight_decay, self.lr_scheduler, self.warmup_steps)
+
+
+@dataclass(frozen=True)
+class RestoreStageSpec:
+    phase: int = 1  # 1: latent distillation only; 2: adds pixel-space perceptual and GAN losses
+    kept_layers: tuple[int, ...] | None = None  # phase 1 from scratch
+    init: Path | None = None  # a student file to start from (phase 2: the phase-1 result)
+    vae: Path | None = None  # phase 2: the VAE stage's result, whose decoder renders pixels
+    pos_grid: int = 32
+    batch_size: int = 128
+    steps: int = 150_000
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    latent_loss: str = "l2"
+    latent_weight: float = 1.0
+    hidden_loss: str = "l2"
+    hidden_weight: float = 0.0  # > 0 runs the teacher transformer online for its block outputs
+    perceptual: str = "none"
+    perceptual_weight: float = 0.0
+    gan_weight: float = 0.0
+    gan_start_step: int = 0
+    discriminator_lr: float = 5e-6
+    train_modulation: bool = True
+    lora: LoraSpec = field(default_factory=LoraSpec)
+
+    def student_optim(self) -> OptimSpec:
+        return OptimSpec(self.lr, self.weight_decay, self.lr_scheduler, self.warmup_steps)
+
+    def discriminator_optim(self) -> OptimSpec:
+        return OptimSpec(self.discriminator_lr, self.weight_decay, self.lr_scheduler, self.warmup_steps)
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    student: Path
+    vae: Path
+    output: Path
+    dtype: str = "fp16"
+    color_fix: str = "adain"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path
+    stage: str | None
+    raw: dict[str, Any]  # the parsed TOML, stored with checkpoints and outputs
+    run: RunSpec | None = None
+    teacher: TeacherSpec | None = None
+    data: dict[str, Any] | None = None
+    cache: CacheSpec | None = None
+    student_vae: VAEConfig | None = None
+    vae: VaeStageSpec | None = None
+    restore: RestoreStageSpec | None = None
+    discriminator: DiscriminatorSpec | None = None
+    export: ExportSpec | None = None
+
+    def require(self, *names: str) -> None:
+        missing = [name for name in names if getattr(self, name) is None]
+        if missing:
+            tables = ", ".join(f"[{'student.vae' if n == 'student_vae' else n}]" for n in missing)
+            raise RecipeError(f"{self.path.name} lacks {tables}, which this stage needs")
+
+
+
+def resumable_view(raw: dict[str, Any]) -> str:
+    """A parsed recipe minus the keys that may change between a run and its resumption, as JSON."""
+    raw = json.loads(json.dumps(raw))
+    for key in OPERATIONAL_RUN_KEYS:
+        raw.get("run", {}).pop(key, None)
+    return json.dumps(raw, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- parsing helpers
+
+
+class _Table:
+    """A recipe table whose keys are consumed as they are read; leftovers are reported as unknown."""
+
+    def __init__(self, data: Any, name: str, base: Path) -> None:
+        if not isinstance(data, dict):
+            raise RecipeError(f"[{name}] must be a table")
+        self.data, self.name, self.base = dict(data), name, base
+
+    def value(self, key: str, default: Any, kind: type | tuple[type, ...] | None = None) -> Any:
+        if key not in self.data:
+            return default
+        value = self.data.pop(key)
+        kind = kind or type(default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and kind is not bool:
+            raise RecipeError(f"{self.name}.{key} must be a {getattr(kind, '__name__', kind)}, got {value!r}")
+        if not isinstance(value, kind):
+            raise RecipeError(f"{self.name}.{key} must be a {getattr(kind, '__name__', kind)}, got {value!r}")
+        return value
+
+    def required(self, key: str, kind: type) -> Any:
+        if key not in self.data:
+            raise RecipeError(f"{self.name}.{key} is required")
+        return self.value(key, None, kind)
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.value(key, default, str)
+        if value not in choices:
+            raise RecipeError(f"{self.name}.{key} is {value!r}; choose one of {', '.join(choices)}")
+        return value
+
+    def path(self, key: str, required: bool = False) -> Path | None:
+        value = self.required(key, str) if required else self.value(key, None, str)
+        if value is None or value == "":
+            if required:
+                raise RecipeError(f"{self.name}.{key} must be a path")
+            return None
+        return (self.base / Path(value).expanduser()).resolve()
+
+    def int_list(self, key: str, default: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        value = self.value(key, default, (list, tuple))
+        if value is None:
+            return None
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise RecipeError(f"{self.name}.{key} must be a list of integers")
+        return tuple(value)
+
+    def sub(self, key: str) -> _Table | None:
+        if key not in self.data:
+            return None
+        return _Table(self.data.pop(key), f"{self.name}.{key}", self.base)
+
+    def fields(self, cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Read every scalar field of a dataclass whose key is present, typed by its default."""
+        values = {}
+        for item in dataclasses.fields(cls):
+            if item.name in skip or item.name not in self.data or item.default is dataclasses.MISSING:
+                continue
+            values[item.name] = self.value(item.name, item.default)
+        return values
+
+    def done(self) -> None:
+        if self.data:
+            raise RecipeError(f"unknown key(s) in [{self.name}]: {', '.join(sorted(self.data))}")
+
+
+def _positive(name: str, **values: float) -> None:
+    for key, value in values.items():
+        if value <= 0:
+            raise RecipeError(f"{name}.{key} must be positive, got {value}")
+
+
+def _run(table: _Table) -> RunSpec:
+    output = table.path("output_dir", required=True)
+    values = table.fields(RunSpec, skip=("output_dir",))
+    spec = RunSpec(output_dir=output, **values)
+    if spec.mixed_precision not in PRECISIONS:
+        raise RecipeError(f"run.mixed_precision is {spec.mixed_precision!r}; choose one of {', '.join(PRECISIONS)}")
+    _positive("run", checkpoint_every=spec.checkpoint_every, keep_checkpoints=spec.keep_checkpoints, log_every=spec.log_every)
+    if spec.num_workers < 0:
+        raise RecipeError("run.num_workers must be 0 or more")
+    table.done()
+    return spec
+
+
+def _teacher(table: _Table) -> TeacherSpec:
+    spec = TeacherSpec(
+        sd3=table.path("sd3", required=True),
+        prompt_embeds=table.path("prompt_embeds", required=True),
+        pooled_embeds=table.path("pooled_embeds", required=True),
+        transformer_lora=table.path("transformer_lora"),
+        vae_lora=table.path("vae_lora"),
+        lora_alpha=table.value("lora_alpha", None, float),
+        latent_scale=table.value("latent_scale", 1.5305),
+        timestep=table.value("timestep", 1000.0),
+        dtype=table.choice("dtype", "fp16", ("fp16", "bf16", "fp32")),
+    )
+    table.done()
+    return spec
+
+
+def _cache(table: _Table) -> CacheSpec:
+    folder = table.path("dir", required=True)
+    spec = CacheSpec(dir=folder, samples=table.required("samples", int), **table.fields(CacheSpec, skip=("dir", "samples")))
+    table.done()
+    return spec
+
+
+def _student_vae(table: _Table) -> VAEConfig:
+    values = {}
+    for item in dataclasses.fields(VAEConfig):
+        if item.name in table.data:
+            default = item.default
+            values[item.name] = table.value(item.name, default, (list, tuple) if isinstance(default, tuple) else type(default))
+    table.done()
+    try:
+        config = VAEConfig(**values)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"[student.vae]: {exc}") from None
+    if config.downscale != 8:
+        raise RecipeError("[student.vae] must downscale by 8 (four encoder stages), as the teacher's VAE does")
+    return config
+
+
+def _check_losses(name: str, regression: dict[str, str], perceptual: str | None = None) -> None:
+    for key, value in regression.items():
+        if value not in REGRESSION_LOSSES:
+            raise RecipeError(f"{name}.{key} is {value!r}; choose one of {', '.join(REGRESSION_LOSSES)}")
+    if perceptual is not None and perceptual not in PERCEPTUAL_LOSSES:
+        raise RecipeError(f"{name}.perceptual is {perceptual!r}; choose one of {', '.join(PERCEPTUAL_LOSSES)}")
+
+
+def _check_scheduler(name: str, scheduler: str) -> None:
+    if scheduler not in LR_SCHEDULERS:
+        raise RecipeError(f"{name}.lr_scheduler is {scheduler!r}; choose one of {', '.join(LR_SCHEDULERS)}")
+
+
+def _vae(table: _Table) -> VaeStageSpec:
+    spec = VaeStageSpec(**table.fields(VaeStageSpec))
+    table.done()
+    _check_losses("vae", {"encoder_loss": spec.encoder_loss, "pixel_loss": spec.pixel_loss}, spec.perceptual)
+    _check_scheduler("vae", spec.lr_scheduler)
+    _positive("vae", batch_size=spec.batch_size, encoder_lr=spec.encoder_lr, decoder_lr=spec.decoder_lr, discriminator_lr=spec.discriminator_lr)
+    if spec.encoder_steps < 0 or spec.decoder_steps < 0 or spec.steps == 0:
+        raise RecipeError("vae.encoder_steps and vae.decoder_steps must be 0 or more, and not both 0")
+    return spec
+
+
+def _lora(table: _Table | None) -> LoraSpec:
+    if table is None:
+        return LoraSpec()
+    targets = table.value("targets", list(DEFAULT_LORA_TARGETS), list)
+    spec = LoraSpec(rank=table.value("rank", 64), alpha=table.value("alpha", 64.0), targets=tuple(targets))
+    table.done()
+    if spec.rank < 1 or not spec.targets or not all(isinstance(t, str) for t in spec.targets):
+        raise RecipeError("restore.lora needs rank >= 1 and a non-empty list of target module names")
+    return spec
+
+
+def _restore(table: _Table) -> RestoreStageSpec:
+    lora = _lora(table.sub("lora"))
+    kept: tuple[int, ...] | None = None
+    if "kept_layers" in table.data:
+        value = table.data["kept_layers"]
+        kept = _read_kept_layers(table.path("kept_layers", required=True)) if isinstance(value, str) else table.int_list("kept_layers", None)
+    init, vae = table.path("init"), table.path("vae")
+    spec = RestoreStageSpec(kept_layers=kept, init=init, vae=vae, lora=lora, **table.fields(RestoreStageSpec, skip=("kept_layers", "init", "vae", "lora")))
+    table.done()
+    _check_losses("restore", {"latent_loss": spec.latent_loss, "hidden_loss": spec.hidden_loss}, spec.perceptual)
+    _check_scheduler("restore", spec.lr_scheduler)
+    _positive("restore", batch_size=spec.batch_size, steps=spec.steps, lr=spec.lr, discriminator_lr=spec.discriminator_lr, pos_grid=spec.pos_grid)
+    if spec.phase not in (1, 2):
+        raise RecipeError(f"restore.phase must be 1 or 2, not {spec.phase}")
+    if spec.init is None and spec.kept_layers is None:
+        raise RecipeError("[restore] needs kept_layers (a list, or the pruning stage's decision file) or init (a student file)")
+    if spec.phase == 2 and spec.vae is None:
+        raise RecipeError("restore.vae (the VAE stage's vae.safetensors) is required in phase 2: its decoder renders the pixels")
+    if spec.phase == 1 and (spec.perceptual_weight or spec.gan_weight):
+        raise RecipeError("phase 1 trains in latent space only; set perceptual_weight and gan_weight to 0, or phase = 2")
+    return spec
+
+
+def _read_kept_layers(path: Path) -> tuple[int, ...]:
+    """Kept layer indices from the pruning stage's decision file."""
+    from training.prune.decision import read_decision
+
+    return tuple(read_decision(path).kept_layers)
+
+
+def _discriminator(table: _Table) -> DiscriminatorSpec:
+    kind = table.choice("type", "patch", DISCRIMINATORS)
+    weights = table.path("weights")
+    blocks = table.int_list("blocks", (2, 5, 8, 11))
+    spec = DiscriminatorSpec(type=kind, weights=weights, blocks=blocks, **table.fields(DiscriminatorSpec, skip=("type", "weights", "blocks")))
+    table.done()
+    return spec
+
+
+def _export(table: _Table) -> ExportSpec:
+    spec = ExportSpec(
+        student=table.path("student", required=True),
+        vae=table.path("vae", required=True),
+        output=table.path("output", required=True),
+        dtype=table.choice("dtype", "fp16", ("fp16", "bf16", "fp32")),
+        color_fix=table.choice("color_fix", "adain", COLOR_FIXES),
+    )
+    table.done()
+    return spec
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RecipeError(f"cannot read the recipe {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{path} is not valid TOML: {exc}") from None
+    top = _Table(raw, path.name, path.resolve().parent)
+    stage = top.value("stage", None, str)
+    parsers = {
+        "run": _run,
+        "teacher": _teacher,
+        "cache": _cache,
+        "vae": _vae,
+        "restore": _restore,
+        "discriminator": _discriminator,
+        "export": _export,
+    }
+    values: dict[str, Any] = {}
+    for name, parse in parsers.items():
+        table = top.sub(name)
+        if table is not None:
+            values[name] = parse(table)
+    data = top.value("data", None, dict)
+    student = top.sub("student")
+    if student is not None:
+        vae_table = student.sub("vae")
+        student.done()
+        if vae_table is not None:
+            values["student_vae"] = _student_vae(vae_table)
+    top.done()
+    if stage is not None and stage not in STAGES:
+        raise RecipeError(f"stage = {stage!r} is not one of {', '.join(STAGES)}")
+    return Recipe(path=path.resolve(), stage=stage, raw=raw, data=data, **values)
