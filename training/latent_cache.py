@@ -10,9 +10,9 @@ output into latents so that training never runs the 2B-parameter teacher. A cach
   ``z_teacher`` = ``z_lq - v_teacher(z_lq)``, each [C, H/8, W/8], scaled latents.
 
 The key hashes the teacher's files and settings, the data source's identity (file list and
-degradation config) and the cache's own settings, so any change makes a new cache. Sample ``i`` is
-a deterministic function of the key and ``i``, so shards can be built by several processes and an
-interrupted build resumes at the first missing shard.
+degradation config) and the cache's own settings (sample count included), so any change makes a new
+cache. Sample ``i`` is a deterministic function of the key and ``i``, so shards can be built by
+several processes and an interrupted build resumes with the missing shards.
 """
 
 from __future__ import annotations
@@ -121,6 +121,7 @@ def cache_identity(spec: CacheSpec, teacher: TeacherSpec, source: PairSource) ->
         "teacher_files": files,
         "teacher_settings": teacher.settings(),
         "data": source.identity(),
+        "samples": spec.samples,
         "shard_size": spec.shard_size,
         "dtype": spec.dtype,
     }

@@ -6,6 +6,7 @@ inference CLI never loads it. Multi-GPU: ``accelerate launch -m tinysr_cli train
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -67,14 +68,11 @@ def train_command(
 
     if stage not in STAGES:
         raise TinySRError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
-    try:
-        import accelerate  # noqa: F401  (presence check for the extra)
-        import peft  # noqa: F401
-
-        from training.stages import run_stage
-        from training.stages.common import SilentReporter
-    except ImportError as exc:
-        raise TinySRError(f"training needs the train extra ({exc.name} is missing)", hint='pip install "tinysr[train]"') from None
+    missing = [name for name in ("accelerate", "peft", "training") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise TinySRError(f"training needs the train extra ({', '.join(missing)} missing)", hint='pip install "tinysr[train]"')
+    from training.stages import run_stage
+    from training.stages.common import SilentReporter
 
     main_process = os.environ.get("RANK", "0") == "0"
     show = main_process and not quiet

@@ -216,26 +216,30 @@ class Run:
     def step(self) -> int:
         return self.counter.step
 
+    @property
+    def resuming(self) -> bool:
+        return self.checkpoint_to_load is not None
+
     def _prepare_folder(self, resume: bool) -> Path | None:
+        """Check the folder against ``resume``; save the recipe with a fresh run. Returns the checkpoint to load."""
         checkpoint = latest_checkpoint(self.output_dir)
         saved_recipe = self.output_dir / RECIPE_COPY
-        if not resume and (checkpoint is not None or saved_recipe.exists()):
+        if not resume and checkpoint is not None:
             raise TinySRError(
                 f"{self.output_dir} already holds a run", hint="pass --resume to continue it, or choose another output folder"
             )
-        if resume and saved_recipe.exists():
+        if checkpoint is not None and saved_recipe.exists():
             if resumable_view(tomllib.loads(saved_recipe.read_text(encoding="utf-8"))) != resumable_view(self.recipe.raw):
                 raise TinySRError(
                     f"{self.output_dir} was started with a different recipe",
                     hint=f"resume with the recipe saved in {saved_recipe}, or use another output folder",
                 )
         self.accelerator.wait_for_everyone()
-        if self.is_main:
+        if self.is_main and checkpoint is None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            if not saved_recipe.exists():
-                shutil.copyfile(self.recipe.path, saved_recipe)
+            shutil.copyfile(self.recipe.path, saved_recipe)
         self.accelerator.wait_for_everyone()
-        return checkpoint if resume else None
+        return checkpoint
 
     def restore_checkpoint(self) -> None:
         """Call after ``accelerator.prepare``: loads the newest checkpoint, if resuming."""

@@ -100,7 +100,7 @@ class VaeStageSpec:
 @dataclass(frozen=True)
 class RestoreStageSpec:
     phase: int = 1  # 1: latent distillation only; 2: adds pixel-space perceptual and GAN losses
-    kept_layers: tuple[int, ...] | None = None  # phase 1 from scratch
+    kept_layers: tuple[int, ...] | Path | None = None  # phase 1 from scratch: indices or a decision file
     init: Path | None = None  # a student file to start from (phase 2: the phase-1 result)
     vae: Path | None = None  # phase 2: the VAE stage's result, whose decoder renders pixels
     pos_grid: int = 32
@@ -337,7 +337,7 @@ def _restore(table: _Table) -> RestoreStageSpec:
     kept: tuple[int, ...] | None = None
     if "kept_layers" in table.data:
         value = table.data["kept_layers"]
-        kept = _read_kept_layers(table.path("kept_layers", required=True)) if isinstance(value, str) else table.int_list("kept_layers", None)
+        kept = table.path("kept_layers", required=True) if isinstance(value, str) else table.int_list("kept_layers", None)
     init, vae = table.path("init"), table.path("vae")
     spec = RestoreStageSpec(kept_layers=kept, init=init, vae=vae, lora=lora, **table.fields(RestoreStageSpec, skip=("kept_layers", "init", "vae", "lora")))
     table.done()
@@ -353,13 +353,6 @@ def _restore(table: _Table) -> RestoreStageSpec:
     if spec.phase == 1 and (spec.perceptual_weight or spec.gan_weight):
         raise RecipeError("phase 1 trains in latent space only; set perceptual_weight and gan_weight to 0, or phase = 2")
     return spec
-
-
-def _read_kept_layers(path: Path) -> tuple[int, ...]:
-    """Kept layer indices from the pruning stage's decision file."""
-    from training.prune.decision import read_decision
-
-    return tuple(read_decision(path).kept_layers)
 
 
 def _discriminator(table: _Table) -> DiscriminatorSpec:

@@ -41,11 +41,23 @@ STUDENT_FILE = "student.safetensors"
 INIT_FILE = "student-init.safetensors"
 
 
+def _kept_layers(value: tuple[int, ...] | Path, num_blocks: int) -> tuple[int, ...]:
+    """Kept layer indices as listed in the recipe, or from the pruning stage's decision file."""
+    if not isinstance(value, Path):
+        return tuple(value)
+    from training.prune.decision import read_decision
+
+    decision = read_decision(value)
+    if decision.num_layers != num_blocks:
+        raise TinySRError(f"{value} prunes a {decision.num_layers}-block model; the teacher has {num_blocks} blocks")
+    return tuple(decision.kept_layers)
+
+
 def _initial_student(recipe: Recipe, run: Run, reporter: Reporter):
     """(model with LoRA attached, kept layers, LoRA spec): from this run's init file, ``init``, or the teacher."""
     spec: RestoreStageSpec = recipe.restore
     init_file = run.output_dir / INIT_FILE
-    if init_file.is_file():
+    if run.resuming:
         model, info = load_student(init_file)
         return model, info.kept_layers, info.lora
     if spec.init is not None:
@@ -59,13 +71,13 @@ def _initial_student(recipe: Recipe, run: Run, reporter: Reporter):
         kept = info.kept_layers
         source = {"init": str(spec.init), "init_provenance": info.provenance}
     else:
-        recipe.require("teacher")
-        reporter.note(f"building the student from teacher layers {list(spec.kept_layers)}")
         transformer = load_transformer(recipe.teacher)
+        kept = _kept_layers(spec.kept_layers, len(transformer.transformer_blocks))
+        reporter.note(f"building the student from teacher layers {list(kept)}")
         _, pooled = load_prompt_embeddings(recipe.teacher)
-        model = build_student(transformer, spec.kept_layers, pooled, recipe.teacher.timestep, spec.pos_grid)
+        model = build_student(transformer, kept, pooled, recipe.teacher.timestep, spec.pos_grid)
         del transformer
-        lora, kept = spec.lora, spec.kept_layers
+        lora = spec.lora
         attach_lora(model, lora)
         source = {"teacher": str(recipe.teacher.sd3)}
     if run.is_main:
