@@ -54,36 +54,37 @@ def _kept_layers(value: tuple[int, ...] | Path, num_blocks: int) -> tuple[int, .
 
 
 def _initial_student(recipe: Recipe, run: Run, reporter: Reporter):
-    """(model with LoRA attached, kept layers, LoRA spec): from this run's init file, ``init``, or the teacher."""
+    """(model with LoRA attached, kept layers, LoRA spec).
+
+    The main process makes ``student-init.safetensors`` in the run folder (from ``init`` or from the
+    teacher and the kept layers); every process then loads that file, so only one process reads the
+    teacher and a resumption never needs it.
+    """
     spec: RestoreStageSpec = recipe.restore
     init_file = run.output_dir / INIT_FILE
-    if run.resuming:
-        model, info = load_student(init_file)
-        return model, info.kept_layers, info.lora
-    if spec.init is not None:
-        model, info = load_student(spec.init)
-        lora = info.lora
-        if lora is None:
-            lora = spec.lora
+    if run.is_main and not run.resuming:
+        if spec.init is not None:
+            model, info = load_student(spec.init)
+            lora = info.lora
+            if lora is None:
+                lora = spec.lora
+                attach_lora(model, lora)
+            elif lora != spec.lora:
+                reporter.note(f"continuing the LoRA of {spec.init.name} (rank {lora.rank}); [restore.lora] is not used")
+            kept, source = info.kept_layers, {"init": str(spec.init), "init_provenance": info.provenance}
+        else:
+            transformer = load_transformer(recipe.teacher)
+            kept = _kept_layers(spec.kept_layers, len(transformer.transformer_blocks))
+            reporter.note(f"building the student from teacher layers {list(kept)}")
+            _, pooled = load_prompt_embeddings(recipe.teacher)
+            model = build_student(transformer, kept, pooled, recipe.teacher.timestep, spec.pos_grid)
+            del transformer
+            lora, source = spec.lora, {"teacher": str(recipe.teacher.sd3)}
             attach_lora(model, lora)
-        elif lora != spec.lora:
-            reporter.note(f"continuing the LoRA of {spec.init.name} (rank {lora.rank}); [restore.lora] is not used")
-        kept = info.kept_layers
-        source = {"init": str(spec.init), "init_provenance": info.provenance}
-    else:
-        transformer = load_transformer(recipe.teacher)
-        kept = _kept_layers(spec.kept_layers, len(transformer.transformer_blocks))
-        reporter.note(f"building the student from teacher layers {list(kept)}")
-        _, pooled = load_prompt_embeddings(recipe.teacher)
-        model = build_student(transformer, kept, pooled, recipe.teacher.timestep, spec.pos_grid)
-        del transformer
-        lora = spec.lora
-        attach_lora(model, lora)
-        source = {"teacher": str(recipe.teacher.sd3)}
-    if run.is_main:
         save_student(init_file, model, kept, lora, {"stage": "restore-init", **source})
     run.accelerator.wait_for_everyone()
-    return model, tuple(kept), lora
+    model, info = load_student(init_file)
+    return model, info.kept_layers, info.lora
 
 
 def run_restore_stage(recipe: Recipe, output_dir: Path, resume: bool, reporter: Reporter, stop_at_step: int | None = None) -> StageResult:
