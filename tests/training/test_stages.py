@@ -95,6 +95,10 @@ def test_cache_holds_the_teachers_latents_of_real_pairs(workspace, pipeline):
         z_teacher = teacher.restore(z_lq)
     for name, expected in (("z_lq", z_lq), ("z_hq", z_hq), ("z_teacher", z_teacher)):
         torch.testing.assert_close(sample[name], expected[0], atol=1e-5, rtol=1e-5)
+    # --stage cache finds the complete cache and rebuilds nothing.
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert run_stage("cache", workspace / "vae-tiny.toml").output == folder
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
     # The key follows everything the samples depend on: another data seed is another cache.
     other = make_pair_source({**recipe.data, "seed": 81}, workspace)
     assert cache_folder(recipe.cache, cache_identity(recipe.cache, recipe.teacher, other)) != folder

@@ -160,7 +160,7 @@ def run_restore_stage(recipe: Recipe, output_dir: Path, resume: bool, reporter: 
                     loss = loss + spec.gan_weight * term
                     metrics["generator_loss"] = term.item()
         accelerator.backward(loss)
-        optimizer_step(run, optimizer, scheduler, trainable)
+        metrics["grad_norm"] = optimizer_step(run, optimizer, scheduler, trainable)
         metrics["loss"] = finite_or_raise(loss.item(), "loss", index)
         if gan_now:
             with accelerator.autocast():

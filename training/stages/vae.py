@@ -118,7 +118,7 @@ def run_vae_stage(recipe: Recipe, output_dir: Path, resume: bool, reporter: Repo
                 predicted = encoder(bicubic_input(batch["lq"].float() / 255, tuple(hq.shape[-2:]))) * scale
                 loss = regression_loss(spec.encoder_loss, predicted, batch["z_lq"])
             accelerator.backward(loss)
-            optimizer_step(run, enc_opt, enc_sched, enc_params)
+            metrics["encoder_grad_norm"] = optimizer_step(run, enc_opt, enc_sched, enc_params)
             metrics["encoder_loss"] = finite_or_raise(loss.item(), "encoder loss", index)
         if index < spec.decoder_steps:
             gan_now = use_gan and index >= spec.gan_start_step
@@ -138,7 +138,7 @@ def run_vae_stage(recipe: Recipe, output_dir: Path, resume: bool, reporter: Repo
                     loss = loss + spec.gan_weight * term
                     metrics["generator_loss"] = term.item()
             accelerator.backward(loss)
-            optimizer_step(run, dec_opt, dec_sched, dec_params)
+            metrics["decoder_grad_norm"] = optimizer_step(run, dec_opt, dec_sched, dec_params)
             metrics["decoder_loss"] = finite_or_raise(loss.item(), "decoder loss", index)
             if gan_now:
                 with accelerator.autocast():
