@@ -89,10 +89,13 @@ def test_teacher_matches_a_hand_merged_lora(spec, alpha):
         encoded = teacher.encode(image)
         expected_latent = vae.encode(image).latent_dist.mean * 1.5305
         restored = teacher.restore(latent)
+        decoded = teacher.decode(latent)
+        expected_image = vae.decode(latent / 1.5305).sample
     expected_v = _velocity(transformer, latent, prompt, pooled)
     assert encoded.shape == (2, 16, 8, 8)
     torch.testing.assert_close(encoded, expected_latent, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(restored, latent - expected_v, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(decoded, expected_image, atol=1e-5, rtol=1e-5)
     # The LoRA matters: without it the velocity is clearly different.
     assert (_velocity(plain, latent, prompt, pooled) - expected_v).abs().max() > 1e-2
 
