@@ -117,4 +117,5 @@ def bk_sdm(layout: GroupLayout) -> PruneDecision:
         layers = list(group.layers)
         in_encoder = group.start + group.size / 2 <= half
         kept += layers[: group.keep] if in_encoder else layers[group.size - group.keep :]
-    return PruneDecision("bk_sdm", layout.num_layers, tuple(kept), {"rule": "first N of encoder groups, last N of decoder groups"})
+    rule = "first N of each encoder group, last N of each decoder group"
+    return PruneDecision("bk_sdm", layout.num_layers, tuple(kept), {"rule": rule})

@@ -65,6 +65,7 @@ def read_decision(path: Path) -> PruneDecision:
     if data.get("version") != DECISION_VERSION:
         raise TinySRError(f"{path} has decision format version {data.get('version')}; this tinysr reads {DECISION_VERSION}")
     try:
-        return PruneDecision(data["method"], int(data["num_layers"]), tuple(data["kept_layers"]), data.get("details", {}))
+        kept = tuple(data["kept_layers"])
+        return PruneDecision(data["method"], int(data["num_layers"]), kept, data.get("details", {}))
     except (KeyError, TypeError, ValueError) as error:
         raise TinySRError(f"{path} is a malformed pruning decision: {error}") from error

@@ -28,15 +28,20 @@ def block_linear_names(stack: ResidualStack) -> list[str]:
 
 
 def attach_lora(stack: ResidualStack, rank: int, alpha: float) -> list[nn.Parameter]:
-    """Freeze the teacher and put a LoRA (B = 0, so the output is unchanged) on every block Linear.
+    """Freeze the teacher and put a float32 LoRA (B = 0: output unchanged) on every block Linear.
 
     Returns the trainable LoRA parameters.
     """
     from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     stack.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=block_linear_names(stack), init_lora_weights=True)
     inject_adapter_in_model(config, stack)
+    for module in stack.modules():
+        if isinstance(module, BaseTunerLayer):  # fp32 adapters on a bf16/fp16 teacher; peft casts around them
+            for name in module.adapter_layer_names:
+                getattr(module, name).to(torch.float32)
     params = []
     for name, param in stack.named_parameters():
         is_lora = LORA_MARKER in name

@@ -128,9 +128,8 @@ class MaskSampler(nn.Module):
                 move = int(self.gate_logits[pair].argmax())
                 moves.append(GATE_MOVES[move])
                 gate = torch.nn.functional.one_hot(torch.tensor([move]), len(GATE_MOVES)).float()
-                masks[a], masks[b] = self._move(
-                    gate, masks[a], self._neighbour(a, choices[a], scale), masks[b], self._neighbour(b, choices[b], scale)
-                )
+                a_next, b_next = self._neighbour(a, choices[a], scale), self._neighbour(b, choices[b], scale)
+                masks[a], masks[b] = self._move(gate, masks[a], a_next, masks[b], b_next)
         mask = torch.cat(masks, dim=-1)[0]
         return MaskDecision(
             mask=[int(v) for v in mask.round().tolist()],

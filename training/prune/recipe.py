@@ -1,14 +1,17 @@
 """The ``--stage prune`` recipe: a TOML file read with tomllib into frozen settings.
 
-Top-level keys ``method``, ``seed``, ``device``, ``precision``; tables ``[teacher]``, ``[space]``,
-``[search]``, ``[loss]``, ``[data]``, ``[baselines]``. Unknown keys are errors (a typo must not
-silently fall back to a default). Relative paths are resolved against the recipe's folder.
+Top-level keys ``method``, ``seed``, ``device``; tables ``[teacher]``, ``[space]``, ``[search]``,
+``[loss]``, ``[data]``, ``[baselines]``. ``[teacher]`` is the other stages' table (TSD-SR's files,
+``training.teacher.TeacherSpec``), or ``kind = "tiny_sd3"`` with a ``[teacher.config]`` of
+``SD3Transformer2DModel`` arguments for a random in-process teacher. Unknown keys are errors (a typo
+must not silently fall back to a default). Relative paths are resolved against the recipe's folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
+import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,12 +19,19 @@ from typing import Any
 from tinysr_cli.errors import TinySRError
 from training.prune.search import Objective, SearchSettings
 from training.prune.space import GroupLayout, ratio_preset
-from training.prune.teachers import TEACHER_KINDS, TeacherSpec
+from training.prune.teachers import TEACHER_KINDS, TinyTeacherSpec
+from training.teacher import TeacherSpec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 LEARNED_METHODS = ("tinysr", "tinyfusion")
 HEURISTIC_METHODS = ("random_min", "shortgpt", "flux_lite", "sensitivity", "snapfusion", "bk_sdm")
 METHODS = LEARNED_METHODS + HEURISTIC_METHODS
-DATA_KINDS = ("synthetic", "latents")
+DATA_KINDS = ("synthetic", "cache")
+TEACHER_DTYPES = ("fp16", "bf16", "fp32")  # the run dtype on accelerators; the CPU always runs fp32
 
 
 class RecipeError(TinySRError):
@@ -53,9 +63,7 @@ class SpaceSpec:
 class DataSpec:
     kind: str
     batch_size: int = 8
-    path: Path | None = None  # latents: folder of per-sample .safetensors
-    lq_key: str = "lq"
-    hq_key: str = "hq"
+    path: Path | None = None  # cache: a complete latent cache folder (the one holding index.json)
     latent_size: int = 64  # synthetic
     pool: int = 4  # synthetic: number of distinct batches
 
@@ -71,15 +79,14 @@ class PruneRecipe:
     method: str
     seed: int
     device: str
-    precision: str
-    teacher: TeacherSpec
+    teacher: TeacherSpec | TinyTeacherSpec
     space: SpaceSpec
     search: SearchSettings
     objective: Objective
     data: DataSpec
     baselines: BaselineSpec
     checkpoint_every: int
-    raw: dict[str, Any]  # the parsed TOML, stored with checkpoints and decisions
+    raw: dict[str, Any]  # the parsed TOML (JSON-safe), stored with checkpoints and decisions
 
 
 def _check_type(value: Any, default: Any, where: str) -> Any:
@@ -136,19 +143,25 @@ def _choice(value: Any, choices: tuple[str, ...], where: str) -> str:
     return value
 
 
-def _teacher(table: dict[str, Any], base: Path) -> TeacherSpec:
-    kind = _choice(table.pop("kind", None), TEACHER_KINDS, "teacher.kind")
-    paths = {key: _path(table, key, "teacher", base) for key in ("path", "lora", "prompt_embeds", "pooled_embeds")}
-    config = table.pop("config", {})
-    if not isinstance(config, dict):
-        raise RecipeError("teacher.config must be a table of SD3Transformer2DModel arguments")
-    if kind == "tiny_sd3" and not config:
-        raise RecipeError("a tiny_sd3 teacher needs a [teacher.config] table")
-    scalars = {k: table.pop(k) for k in ("timestep", "prompt_tokens") if k in table}
-    _reject_unknown(table, "teacher")
-    spec = TeacherSpec(kind=kind, config=config, **paths)
-    for key, value in scalars.items():
-        spec = dataclasses.replace(spec, **{key: _check_type(value, getattr(spec, key), f"teacher.{key}")})
+def _teacher(table: dict[str, Any], base: Path) -> TeacherSpec | TinyTeacherSpec:
+    kind = _choice(table.pop("kind", "sd3"), TEACHER_KINDS, "teacher.kind")
+    if kind == "tiny_sd3":
+        config = table.pop("config", None)
+        if not isinstance(config, dict) or not config:
+            raise RecipeError("a tiny_sd3 teacher needs a [teacher.config] table of SD3Transformer2DModel arguments")
+        spec = _settings(TinyTeacherSpec, table, "teacher", fixed={"config": config})
+    else:
+        paths = {
+            key: _path(table, key, "teacher", base)
+            for key in ("sd3", "prompt_embeds", "pooled_embeds", "transformer_lora", "vae_lora")
+        }
+        missing = [key for key in ("sd3", "prompt_embeds", "pooled_embeds") if paths[key] is None]
+        if missing:
+            raise RecipeError(f"[teacher] needs {', '.join(missing)} (or kind = 'tiny_sd3')")
+        alpha = table.pop("lora_alpha", None)
+        alpha = None if alpha is None else _check_type(alpha, 1.0, "teacher.lora_alpha")
+        spec = _settings(TeacherSpec, table, "teacher", fixed={**paths, "lora_alpha": alpha})
+    _choice(spec.dtype, TEACHER_DTYPES, "teacher.dtype")
     return spec
 
 
@@ -161,7 +174,10 @@ def _space(table: dict[str, Any]) -> SpaceSpec:
             raise RecipeError("space.groups must be a list of [N, M] integer pairs")
         groups = tuple((n, m) for n, m in groups)
     spec = SpaceSpec(
-        keep=table.pop("keep", None), group_size=table.pop("group_size", None), ratio=table.pop("ratio", None), groups=groups
+        keep=table.pop("keep", None),
+        group_size=table.pop("group_size", None),
+        ratio=table.pop("ratio", None),
+        groups=groups,
     )
     _reject_unknown(table, "space")
     chosen = [spec.groups is not None, spec.ratio is not None, spec.keep is not None or spec.group_size is not None]
@@ -182,8 +198,8 @@ def _space(table: dict[str, Any]) -> SpaceSpec:
 def _data(table: dict[str, Any], base: Path) -> DataSpec:
     kind = _choice(table.pop("kind", None), DATA_KINDS, "data.kind")
     path = _path(table, "path", "data", base)
-    if kind == "latents" and path is None:
-        raise RecipeError("data.path (a folder of latent .safetensors files) is required for kind = 'latents'")
+    if kind == "cache" and path is None:
+        raise RecipeError("data.path (a complete latent cache folder, holding index.json) is required for kind = 'cache'")
     return _settings(DataSpec, table, "data", fixed={"kind": kind, "path": path})
 
 
@@ -195,12 +211,12 @@ def load_recipe(path: Path) -> PruneRecipe:
         raise RecipeError(f"cannot read the recipe {path}: {error.strerror or error}") from None
     except tomllib.TOMLDecodeError as error:
         raise RecipeError(f"{path} is not valid TOML: {error}") from None
+    raw = json.loads(json.dumps(raw, default=str))  # JSON-safe: stored in checkpoints and the decision
     data = {key: (dict(value) if isinstance(value, dict) else value) for key, value in raw.items()}
     base = path.resolve().parent
     method = _choice(data.pop("method", "tinysr"), METHODS, "method")
     seed = _check_type(data.pop("seed", 0), 0, "seed")
     device = _check_type(data.pop("device", "auto"), "", "device")
-    precision = _check_type(data.pop("precision", "fp32"), "", "precision")
     data.pop("stage", None)  # informative only
     teacher = _teacher(_table(data, "teacher"), base)
     data.pop("teacher", None)
@@ -219,5 +235,5 @@ def load_recipe(path: Path) -> PruneRecipe:
     if data_spec.batch_size < 1 or data_spec.pool < 1 or baselines.eval_batches < 1 or baselines.candidates < 1:
         raise RecipeError("data.batch_size, data.pool, baselines.eval_batches and baselines.candidates must be at least 1")
     return PruneRecipe(
-        method, seed, device, precision, teacher, space, search, objective, data_spec, baselines, checkpoint_every, raw
+        method, seed, device, teacher, space, search, objective, data_spec, baselines, checkpoint_every, raw
     )

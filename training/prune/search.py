@@ -2,7 +2,8 @@
 
 TinySR's search (pair gates on) and TinyFusion's (``inter_block=False``) share this loop. Each step
 samples one mask per batch element, runs the masked teacher with LoRA, and compares its output with
-the batch target (task) and with the plain teacher's output (distillation). The temperature falls
+the batch target (task) and with the plain teacher's output (distillation; the batch's cached
+``teacher`` latent when it has one). The temperature falls
 linearly from ``tau_start`` to ``tau_end``; the logits are multiplied by ``logit_scale``.
 """
 
@@ -111,7 +112,9 @@ class MaskSearch:
         self.step = 0
 
     def teacher_output(self, batch: Batch) -> torch.Tensor:
-        """The unpruned teacher without LoRA."""
+        """The unpruned teacher's output without LoRA: the batch's ``teacher`` if cached, else computed."""
+        if "teacher" in batch:
+            return batch["teacher"]
         with torch.no_grad(), adapters_disabled(self.stack) if self.lora else nullcontext():
             return forward_masked(self.stack, batch)
 

@@ -1,8 +1,10 @@
-"""Batches for the search, as ``step -> {"latent": z_lq, "target": z_hq}`` callables.
+"""Batches for the search, as deterministic ``step -> batch`` callables (a resumed run sees the same data).
 
-Deterministic in the step (so a resumed run sees the same data). ``TeacherTargets`` is a synthetic
-pool of random latents labelled by the unpruned teacher itself; ``LatentFolder`` reads cached latent
-pairs (the paper pre-encodes LQ and HQ latents), one ``.safetensors`` file per sample.
+A batch holds ``latent`` (the model input), ``target`` (the task target) and optionally ``teacher``
+(the unpruned teacher's output, used for distillation instead of running the teacher online).
+``TeacherTargets`` is a synthetic pool of random latents labelled by the teacher itself;
+``CachedLatents`` reads the shared latent cache (``training.latent_cache``: ``z_lq``, ``z_hq`` and
+``z_teacher``, pre-encoded as the paper does).
 """
 
 from __future__ import annotations
@@ -10,9 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from tinysr_cli.errors import TinySRError
+from training.latent_cache import LatentCache
 from training.prune.stacks import Batch, ResidualStack, forward_masked
 
 
@@ -23,62 +24,30 @@ class TeacherTargets:
     """
 
     def __init__(
-        self,
-        stack: ResidualStack,
-        count: int,
-        batch_size: int,
-        channels: int,
-        latent_size: int,
-        seed: int,
-        device: torch.device,
-        dtype: torch.dtype = torch.float32,
+        self, stack: ResidualStack, count: int, batch_size: int, latent_size: int, seed: int, device: torch.device
     ) -> None:
         generator = torch.Generator().manual_seed(seed)
+        shape = (batch_size, stack.latent_channels, latent_size, latent_size)
         self.pool: list[dict[str, torch.Tensor]] = []
         with torch.no_grad():
             for _ in range(count):
-                latent = torch.randn(batch_size, channels, latent_size, latent_size, generator=generator)
-                latent = latent.to(device=device, dtype=dtype)
+                latent = torch.randn(shape, generator=generator).to(device)
                 self.pool.append({"latent": latent, "target": forward_masked(stack, {"latent": latent})})
 
     def __call__(self, step: int) -> Batch:
         return self.pool[step % len(self.pool)]
 
 
-class LatentFolder:
-    """Random batches of cached (LQ, HQ) latent pairs; sample ``i`` of step ``s`` depends only on (seed, s)."""
+class CachedLatents:
+    """Random batches from a complete latent cache; the samples of step ``s`` depend only on (seed, s)."""
 
-    def __init__(
-        self,
-        folder: Path,
-        batch_size: int,
-        seed: int,
-        device: torch.device,
-        dtype: torch.dtype = torch.float32,
-        lq_key: str = "lq",
-        hq_key: str = "hq",
-    ) -> None:
-        self.files = sorted(Path(folder).glob("*.safetensors"))
-        if not self.files:
-            raise TinySRError(
-                f"no .safetensors latent files in {folder}",
-                hint=f"each file holds one sample: tensors {lq_key!r} and {hq_key!r} of shape [C, H, W]",
-            )
-        self.batch_size, self.seed, self.device, self.dtype = batch_size, seed, device, dtype
-        self.lq_key, self.hq_key = lq_key, hq_key
-
-    def _sample(self, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-        tensors = load_file(path)
-        try:
-            return tensors[self.lq_key], tensors[self.hq_key]
-        except KeyError as error:
-            raise TinySRError(f"{path} has no tensor {error.args[0]!r}", hint=f"found {sorted(tensors)}") from None
+    def __init__(self, folder: Path, batch_size: int, seed: int, device: torch.device) -> None:
+        self.cache = LatentCache(folder, fields=("z_lq", "z_hq", "z_teacher"))
+        self.batch_size, self.seed, self.device = batch_size, seed, device
 
     def __call__(self, step: int) -> Batch:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        picks = torch.randint(len(self.files), (self.batch_size,), generator=generator).tolist()
-        lq, hq = zip(*(self._sample(self.files[i]) for i in picks))
-        return {
-            "latent": torch.stack(lq).to(device=self.device, dtype=self.dtype),
-            "target": torch.stack(hq).to(device=self.device, dtype=self.dtype),
-        }
+        picks = torch.randint(len(self.cache), (self.batch_size,), generator=generator).tolist()
+        samples = [self.cache[i] for i in picks]
+        fields = {"latent": "z_lq", "target": "z_hq", "teacher": "z_teacher"}
+        return {key: torch.stack([s[name] for s in samples]).to(self.device) for key, name in fields.items()}

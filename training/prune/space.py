@@ -73,7 +73,7 @@ class GroupLayout:
         position = 0
         for group in self.groups:
             if group.start != position:
-                raise ValueError(f"groups must tile the depth in order; a group starts at {group.start}, expected {position}")
+                raise ValueError(f"groups must tile the depth in order: a group starts at {group.start}, not {position}")
             if not 0 <= group.keep <= group.size or group.size < 1:
                 raise ValueError(f"a group cannot keep {group.keep} of {group.size} layers")
             position += group.size

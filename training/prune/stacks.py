@@ -96,10 +96,10 @@ def trace_image_stream(stack: ResidualStack, batch: Batch) -> list[tuple[torch.T
 
 
 def _restored(latent: torch.Tensor, tokens: torch.Tensor, patch: int, channels: int) -> torch.Tensor:
-    """Unpatchify [B, N, p*p*C] velocity tokens and return the one-step restored latent ``z - v``."""
+    """Unpatchify [B, N, p*p*C] velocity tokens; the one-step restored latent ``z - v`` in ``latent``'s dtype."""
     batch, _, height, width = latent.shape
     rows, cols = height // patch, width // patch
-    v = tokens.reshape(batch, rows, cols, patch, patch, channels)
+    v = tokens.to(latent.dtype).reshape(batch, rows, cols, patch, patch, channels)
     v = torch.einsum("nhwpqc->nchpwq", v).reshape(batch, channels, height, width)
     return latent - v
 
@@ -107,7 +107,8 @@ def _restored(latent: torch.Tensor, tokens: torch.Tensor, patch: int, channels: 
 class SD3Stack(ResidualStack):
     """diffusers ``SD3Transformer2DModel`` at a fixed timestep and fixed (default-prompt) conditioning.
 
-    Batch: ``latent`` [B, C, H, W]. ``prompt_embeds`` [1, S, joint_dim] and ``pooled_embeds``
+    Batch: ``latent`` [B, C, H, W] (any float dtype; the model runs in its own, the output is returned
+    in the latent's). ``prompt_embeds`` [1, S, joint_dim] and ``pooled_embeds``
     [1, pooled_dim] are expanded to the batch. Streams: (image tokens, text tokens).
     """
 
@@ -129,12 +130,13 @@ class SD3Stack(ResidualStack):
         return self.model.config.in_channels
 
     def embed(self, batch: Batch) -> tuple[Streams, torch.Tensor]:
-        latent = batch["latent"]
+        dtype = self.model.dtype
+        latent = batch["latent"].to(dtype)
         size = latent.shape[0]
         image = self.model.pos_embed(latent).contiguous()
-        timestep = torch.full((size,), self.timestep, device=latent.device, dtype=latent.dtype)
-        temb = self.model.time_text_embed(timestep, self.pooled_embeds.expand(size, -1).to(latent.dtype))
-        text = self.model.context_embedder(self.prompt_embeds.expand(size, -1, -1).to(latent.dtype))
+        timestep = torch.full((size,), self.timestep, device=latent.device, dtype=dtype)
+        temb = self.model.time_text_embed(timestep, self.pooled_embeds.expand(size, -1).to(dtype))
+        text = self.model.context_embedder(self.prompt_embeds.expand(size, -1, -1).to(dtype))
         return (image, text), temb
 
     def block(self, index: int, streams: Streams, context: torch.Tensor) -> Streams:

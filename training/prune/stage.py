@@ -7,7 +7,6 @@ written atomically, so an interrupted run leaves either the previous complete fi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,14 +14,14 @@ from typing import Any
 import torch
 
 from tinysr_cli.atomic import atomic_path
-from tinysr_cli.engine.device import resolve_device, resolve_precision
+from tinysr_cli.engine.device import resolve_device
 from tinysr_cli.errors import TinySRError
 from training.prune import baselines
 from training.prune.decision import PruneDecision, read_decision, write_decision
 from training.prune.masks import MaskDecision
 from training.prune.recipe import LEARNED_METHODS, PruneRecipe, RecipeError, load_recipe
 from training.prune.search import MaskSearch, StepReport, run_search
-from training.prune.sources import LatentFolder, TeacherTargets
+from training.prune.sources import CachedLatents, TeacherTargets
 from training.prune.space import GATE_MOVES, GroupLayout
 from training.prune.stacks import Batch, ResidualStack
 from training.prune.teachers import build_teacher
@@ -53,15 +52,14 @@ def run_prune_stage(
     output_dir.mkdir(parents=True, exist_ok=True)
 
     device = resolve_device(recipe.device)
-    dtype = resolve_precision(recipe.precision, device)
-    stack = build_teacher(recipe.teacher, device, dtype, recipe.seed)
+    stack = build_teacher(recipe.teacher, device, recipe.seed)
     try:
         layout = recipe.space.layout(stack.num_blocks)
         if recipe.method == "tinysr":
             layout.check_pairs_can_move()
     except ValueError as error:
         raise RecipeError(f"[space]: {error}") from None
-    batches = _batch_source(recipe, stack, device, dtype)
+    batches = _batch_source(recipe, stack, device)
 
     if recipe.method in LEARNED_METHODS:
         search = MaskSearch(stack, layout, recipe.search, recipe.objective, recipe.seed)
@@ -78,19 +76,22 @@ def run_prune_stage(
         )
     else:
         decision = _baseline(recipe, stack, layout, batches)
-    decision = PruneDecision(decision.method, decision.num_layers, decision.kept_layers, {**decision.details, "recipe": recipe.raw})
+    details = {**decision.details, "recipe": recipe.raw}
+    decision = PruneDecision(decision.method, decision.num_layers, decision.kept_layers, details)
     write_decision(decision, decision_path)
     return decision_path
 
 
-def _batch_source(recipe: PruneRecipe, stack: ResidualStack, device: torch.device, dtype: torch.dtype) -> Callable[[int], Batch]:
+def _batch_source(recipe: PruneRecipe, stack: ResidualStack, device: torch.device) -> Callable[[int], Batch]:
     data = recipe.data
-    if data.kind == "latents":
-        return LatentFolder(data.path, data.batch_size, recipe.seed, device, dtype, data.lq_key, data.hq_key)
-    return TeacherTargets(stack, data.pool, data.batch_size, stack.latent_channels, data.latent_size, recipe.seed, device, dtype)
+    if data.kind == "cache":
+        return CachedLatents(data.path, data.batch_size, recipe.seed, device)
+    return TeacherTargets(stack, data.pool, data.batch_size, data.latent_size, recipe.seed, device)
 
 
-def _baseline(recipe: PruneRecipe, stack: ResidualStack, layout: GroupLayout, batches: Callable[[int], Batch]) -> PruneDecision:
+def _baseline(
+    recipe: PruneRecipe, stack: ResidualStack, layout: GroupLayout, batches: Callable[[int], Batch]
+) -> PruneDecision:
     if recipe.method == "bk_sdm":
         return baselines.bk_sdm(layout)
     evaluation = [batches(i) for i in range(recipe.baselines.eval_batches)]
@@ -138,6 +139,8 @@ def _load_state(path: Path, recipe: PruneRecipe) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError) as error:
         raise TinySRError(f"cannot read the checkpoint {path}: {error}") from error
-    if json.dumps(state.get("recipe"), sort_keys=True) != json.dumps(recipe.raw, sort_keys=True):
-        raise TinySRError(f"{path} was made with a different recipe", hint="resume with the same recipe, or use another output folder")
+    if state.get("recipe") != recipe.raw:
+        raise TinySRError(
+            f"{path} was made with a different recipe", hint="resume with the same recipe, or use another output folder"
+        )
     return state
