@@ -9,6 +9,7 @@ serve several threads.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,10 +19,12 @@ import torch.nn.functional as F
 
 from tinysr_cli.engine import color
 from tinysr_cli.engine.tiling import Tile, blend_tiles, plan_tiles, run_with_context
+from tinysr_cli.errors import TinySRError
 from tinysr_cli.models.tinysr import UPSCALE, TinySR
 from tinysr_cli.models.vae import decoder_receptive_radius, encoder_receptive_radius
 
 COLOR_FIXES = ("adain", "wavelet", "none")
+MIN_TILE = 8  # latent pixels: the smallest backbone tile the out-of-memory back-off goes down to
 
 # progress(stage, done, total): stage is "tiles" for backbone tiles.
 ProgressCallback = Callable[[str, int, int], None]
@@ -147,12 +150,9 @@ class Upscaler:
             if progress is not None:
                 progress("tiles", done, len(tiles))
 
-        def run(batch: list[Tile]) -> torch.Tensor:
-            crops = torch.cat([latent[..., t.y0 : t.y1, t.x0 : t.x1] for t in batch])
-            return self.model.transformer(crops.to(self.device, self.dtype))
-
         if progress is not None:
             progress("tiles", 0, len(tiles))
+        run = _BackboneRun(self, latent, self.options.tile, self.options.tile_overlap, self.batch_size, fp32_cache={})
         return blend_tiles(tuple(latent.shape), tiles, run, self.batch_size, report)
 
     def _color_fix(self, sr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
@@ -162,3 +162,81 @@ class Upscaler:
             lr_up = F.interpolate(lr, size=sr.shape[-2:], mode="bicubic", align_corners=False)
             return color.wavelet(sr, lr_up)
         return sr
+
+
+class _BackboneRun:
+    """Runs batches of backbone tiles for one ``_velocity`` call, backing off instead of failing.
+
+    - Out of device memory: free the allocator's cache, halve the number of tiles per forward pass
+      (kept for the rest of this call), and once a single tile fails, compute that tile from tiles
+      of half its side blended the same way; the same tile is retried, nothing is skipped.
+    - NaN/inf in a reduced-precision output: recompute those tiles with an fp32 copy of the backbone.
+    Everything learnt lives on this per-call object, never on the ``Upscaler``.
+    """
+
+    def __init__(self, upscaler: Upscaler, latent: torch.Tensor, tile: int, overlap: int, limit: int, fp32_cache: dict) -> None:
+        self.upscaler = upscaler
+        self.latent = latent
+        self.tile = tile
+        self.overlap = overlap
+        self.limit = limit
+        self.fp32_cache = fp32_cache  # {"model": fp32 backbone}, made on first need, shared with sub-runs
+
+    def __call__(self, batch: list[Tile]) -> torch.Tensor:
+        outputs, start = [], 0
+        while start < len(batch):
+            chunk = batch[start : start + self.limit]
+            try:
+                out = self._forward(chunk)
+            except torch.cuda.OutOfMemoryError:
+                out = None  # handled below, once the exception (and the tensors it holds) is gone
+            if out is None:
+                self._free_cache()
+                if len(chunk) > 1:
+                    self.limit = max(1, len(chunk) // 2)
+                    continue
+                out = self._halve_tile(chunk[0])
+            outputs.append(out)
+            start += len(chunk)
+        return torch.cat(outputs)
+
+    def _forward(self, chunk: list[Tile]) -> torch.Tensor:
+        crops = torch.cat([self.latent[..., t.y0 : t.y1, t.x0 : t.x1] for t in chunk])
+        upscaler = self.upscaler
+        out = upscaler.model.transformer(crops.to(upscaler.device, upscaler.dtype))
+        if bool(torch.isfinite(out).all()):
+            return out.to("cpu", torch.float32)
+        if upscaler.dtype != torch.float32:
+            out = self._fp32_model()(crops.to(upscaler.device, torch.float32))
+            if bool(torch.isfinite(out).all()):
+                return out.to("cpu", torch.float32)
+        raise TinySRError(
+            "the model produced NaN/inf values even in fp32",
+            hint="the weights may be corrupt: check them with `tinysr weights verify`",
+        )
+
+    def _fp32_model(self) -> torch.nn.Module:
+        if "model" not in self.fp32_cache:
+            self.fp32_cache["model"] = copy.deepcopy(self.upscaler.model.transformer).float()
+        return self.fp32_cache["model"]
+
+    def _halve_tile(self, tile: Tile) -> torch.Tensor:
+        """The velocity of one tile that does not fit, from half-side tiles blended together."""
+        patch = self.upscaler.model.config.transformer.patch_size
+        side = (self.tile // 2) // patch * patch
+        if side < MIN_TILE:
+            raise TinySRError(
+                f"out of memory on {self.upscaler.device} even for one {self.tile}x{self.tile} latent tile",
+                hint="use --precision fp16/bf16, a smaller --tile, or --device cpu",
+            )
+        region = self.latent[..., tile.y0 : tile.y1, tile.x0 : tile.x1]
+        overlap = min(self.overlap // 2, side - 1)
+        sub_tiles = plan_tiles(*region.shape[-2:], side, overlap)
+        sub_run = _BackboneRun(self.upscaler, region, side, overlap, 1, self.fp32_cache)
+        return blend_tiles(tuple(region.shape), sub_tiles, sub_run, 1)
+
+    def _free_cache(self) -> None:
+        if self.upscaler.device.type == "cuda":
+            torch.cuda.empty_cache()
+        elif self.upscaler.device.type == "mps":
+            torch.mps.empty_cache()
