@@ -45,12 +45,14 @@ def _root(
 
 
 def _register() -> None:
-    from tinysr_cli.cli import hub, train, upscale, weights
+    from tinysr_cli.cli import hub, info, official, train, upscale, weights
 
     app.command("upscale", no_args_is_help=True)(upscale.upscale_command)
     app.command("train", no_args_is_help=True)(train.train_command)
+    app.command("info")(info.info_command)
     weights_app.command("init")(weights.init_command)
     weights_app.command("info")(weights.info_command)
+    weights_app.command("import-official", no_args_is_help=True)(official.import_official_command)
     weights_app.command("list")(hub.list_command)
     weights_app.command("download")(hub.download_command)
     weights_app.command("verify")(hub.verify_command)
