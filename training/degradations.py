@@ -230,12 +230,6 @@ def pad_kernel(kernel: torch.Tensor, size: int) -> torch.Tensor:
     return F.pad(kernel, (pad, pad, pad, pad))
 
 
-def identity_kernel(size: int) -> torch.Tensor:
-    kernel = torch.zeros(size, size)
-    kernel[size // 2, size // 2] = 1.0
-    return kernel
-
-
 class _Draws:
     """Random choices from one CPU ``torch.Generator``."""
 
