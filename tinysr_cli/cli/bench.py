@@ -1,0 +1,84 @@
+"""`tinysr bench`: our engine vs the official-style pipeline vs the TSD-SR architecture."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from tinysr_cli.cli import console
+
+
+def bench_command(
+    model: Annotated[Optional[str], typer.Option(help="Weights to time (default: random weights of --config).")] = None,
+    config: Annotated[str, typer.Option(help="Named architecture when no --model is given: full or tiny.")] = "full",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16.")] = "auto",
+    size: Annotated[int, typer.Option(help="Output side of the latency test, pixels.")] = 512,
+    large: Annotated[Optional[int], typer.Option(help="Output side of the throughput test (default 1024 on CPU, 2048 on GPU; 0 skips).")] = None,
+    runs: Annotated[Optional[int], typer.Option(help="Timed runs after one warm-up (default 3 on CPU, 10 on GPU).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Our engine's tiles per pass; 0 = automatic.")] = 0,
+    official: Annotated[bool, typer.Option(help="Also time the official-style pipeline.")] = True,
+    tsdsr: Annotated[bool, typer.Option(help="Also time the TSD-SR architecture (2.1 B params, slow on CPU).")] = True,
+    compile_model: Annotated[bool, typer.Option("--compile", help="Also time our engine with torch.compile.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Time one SIZE x SIZE output and a large image, with peak memory, side by side."""
+    import json
+
+    from rich.table import Table
+
+    from tinysr_cli import bench
+    from tinysr_cli.engine.device import resolve_device, resolve_precision
+    from tinysr_cli.engine.upscaler import UpscaleOptions, Upscaler
+    from tinysr_cli.errors import TinySRError
+    from tinysr_cli.weights.format import init_weights, load_weights
+    from tinysr_cli.weights.hub import resolve_model
+
+    if size % 16 or size < 16:
+        raise TinySRError("--size must be a positive multiple of 16")
+    target = resolve_device(device)
+    dtype = resolve_precision(precision, target)
+    on_gpu = target.type != "cpu"
+    large = (2048 if on_gpu else 1024) if large is None else large
+    runs = (10 if on_gpu else 3) if runs is None else runs
+    weights = load_weights(resolve_model(model))[0] if model else init_weights(config, seed=0)
+
+    def step(message: str) -> None:
+        if not json_output:
+            console.note(message)
+
+    results = []
+    step("timing our engine ...")
+    ours = Upscaler(weights, device=target, dtype=dtype, options=UpscaleOptions(batch_size=batch_size))
+    results.append(bench.measure_upscaler("tinysr", ours, size, large, runs, f"batch {ours.batch_size}, folded, merged"))
+    if compile_model:
+        step("timing our engine with torch.compile ...")
+        fast = Upscaler(bench.with_compiled_backbone(ours.model, target), device=target, dtype=dtype, options=ours.options)
+        results.append(bench.measure_upscaler("tinysr+compile", fast, size, large, runs, "torch.compile"))
+    if official:
+        step("timing the official-style pipeline ...")
+        slow = Upscaler(bench.official_style(ours.model), device=target, dtype=dtype, options=UpscaleOptions(batch_size=1))
+        note = "run-time modulation, unmerged rank-64 LoRA, batch 1"
+        results.append(bench.measure_upscaler("official-style", slow, size, large, runs, note))
+    if tsdsr:
+        step("timing the TSD-SR architecture (building 2.1 B random parameters) ...")
+        results.append(bench.measure_tsdsr(target, dtype, size, max(1, min(runs, 3))))
+
+    reference = results[0].latency_s
+    rows = [{**r.to_dict(), "latency_vs_tinysr": round(r.latency_s / reference, 2)} for r in results]
+    header = {"device": str(target), "precision": str(dtype).removeprefix("torch."), "size": size, "large": large}
+    if json_output:
+        console.stdout.print(json.dumps({**header, "results": rows}, indent=2), markup=False)
+        return
+    table = Table(title=f"{size}x{size} output on {target} ({header['precision']})")
+    for column in ("pipeline", "latency (s)", "x tinysr", f"MP/s at {large}", "peak host MiB", "peak device MiB", "note"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["pipeline"], f"{row['latency_s']:.3f}", f"{row['latency_vs_tinysr']:.2f}",
+            "-" if row["megapixels_per_s"] is None else f"{row['megapixels_per_s']:.3f}",
+            f"{row['peak_host_mib']:.0f}", "-" if row["peak_device_mib"] is None else f"{row['peak_device_mib']:.0f}",
+            row["note"],
+        )
+    console.stdout.print(table)
