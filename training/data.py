@@ -209,7 +209,6 @@ class PairStream:
             sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
         )
         for step, batch in zip(count(self.step), loader):
             samples = [int(g) for g in batch["sample"]]
