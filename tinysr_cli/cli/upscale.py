@@ -49,6 +49,17 @@ def upscale_command(
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders, mirroring the tree.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs (default: skip them, so re-runs resume).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes; errors only.")] = False,
+    strip_metadata: Annotated[
+        bool, typer.Option("--strip-metadata", help="Do not copy EXIF, XMP and the ICC profile to outputs.", rich_help_panel=_OUTPUT)
+    ] = False,
+    max_pixels: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Refuse inputs with more pixels than this, before decoding (decompression-bomb guard; "
+            "default: Pillow's, 89478485).",
+        ),
+    ] = 89478485,
 ) -> None:
     """Upscale images 4x with TinySR."""
     from tinysr_cli.cli.upscale_run import BatchOptions, run_batch
@@ -74,6 +85,8 @@ def upscale_command(
         quality=quality,
         overwrite=overwrite,
         quiet=quiet,
+        strip_metadata=strip_metadata,
+        max_pixels=max_pixels,
     )
     failures = run_batch(plan, options)
     if failures:

@@ -14,9 +14,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tinysr_cli.cli import console
 from tinysr_cli.engine.device import resolve_device, resolve_precision
-from tinysr_cli.engine.upscaler import UpscaleOptions, Upscaler
+from tinysr_cli.engine.upscaler import UpscaleOptions, Upscaler, available_memory
 from tinysr_cli.errors import TinySRError
-from tinysr_cli.io.images import ALPHA_SUFFIXES, LoadedImage, load_image, save_image
+from tinysr_cli.io.animated import ANIMATION_SUFFIXES, load_animation, plan_animation_output, save_animation
+from tinysr_cli.io.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageInfo,
+    LoadedImage,
+    bleed_transparent,
+    load_image,
+    plan_output,
+    probe_image,
+    save_image,
+    to_uint8,
+)
 from tinysr_cli.io.paths import Job, Plan
 from tinysr_cli.models.tinysr import UPSCALE
 from tinysr_cli.weights.format import load_weights
@@ -35,6 +46,8 @@ class BatchOptions:
     quality: int
     overwrite: bool
     quiet: bool
+    strip_metadata: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 def load_upscaler(options: BatchOptions) -> Upscaler:
@@ -72,17 +85,80 @@ def upscale_alpha(alpha: torch.Tensor) -> torch.Tensor:
     return F.interpolate(alpha[None], scale_factor=UPSCALE, mode="bicubic", align_corners=False)[0].clamp_(0, 1)
 
 
-def process_image(upscaler: Upscaler, job: Job, options: BatchOptions, progress) -> None:
-    image: LoadedImage = load_image(job.source)
-    output = job.output
-    if image.alpha is not None and output.suffix.lower() not in ALPHA_SUFFIXES:
-        raise TinySRError(f"{job.source}: has transparency, which {output.suffix} cannot store", hint="use --format png or webp")
-    rgb = upscaler.upscale(image.rgb, progress)
-    alpha = upscale_alpha(image.alpha) if image.alpha is not None else None
-    size = final_size(*image.size, options)
-    rgb = resample(rgb, size)
-    alpha = resample(alpha, size) if alpha is not None else None
-    save_image(output, rgb, alpha, quality=options.quality, metadata=image.metadata)
+def upscale_pixels(
+    upscaler: Upscaler, image: LoadedImage, size: tuple[int, int], progress
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RGB through the model (edge colours bled under full transparency first), alpha resized on its own."""
+    rgb = image.rgb if image.alpha is None else bleed_transparent(image.rgb, image.alpha)
+    rgb = resample(upscaler.upscale(rgb, progress), size)
+    if image.alpha is None:
+        return rgb, None
+    if bool(image.alpha.min() == image.alpha.max()):  # constant alpha: refilled, not resampled
+        return rgb, torch.full((1, *size), float(image.alpha[0, 0, 0]))
+    return rgb, resample(upscale_alpha(image.alpha), size)
+
+
+def check_memory(job: Job, info: ImageInfo, upscaler: Upscaler, animated: bool) -> None:
+    """Refuse up front, with the numbers, a job that cannot fit in the memory available now."""
+    needed = upscaler.memory_needed(info.height, info.width)
+    if animated:  # every upscaled frame is kept (8-bit RGBA) until the file is written
+        needed += info.frames * info.height * info.width * UPSCALE * UPSCALE * 4
+    available = available_memory()
+    if available is not None and needed > available:
+        raise TinySRError(
+            f"{job.source}: {info.width}x{info.height} needs about {needed / 1e9:.1f} GB of memory to upscale, "
+            f"{available / 1e9:.1f} GB is available",
+            hint="split the image into parts, or free memory",
+        )
+
+
+def _claim_output(job: Job, output: Path, options: BatchOptions) -> bool:
+    """Whether ``output`` (``job.output`` or its format switch) may be written; never the input itself."""
+    if output == job.output:
+        return True
+    if output.resolve() == job.source.resolve():
+        raise TinySRError(f"{job.source}: the output path is the input file (after switching to {output.suffix})")
+    if output.exists() and not options.overwrite:
+        if not options.quiet:
+            console.note(f"skipped {job.source}: {output} exists (use --overwrite)")
+        return False
+    return True
+
+
+def process_image(upscaler: Upscaler, job: Job, options: BatchOptions, progress) -> Path | None:
+    """Upscale one file; returns the path written (its format may have switched), None if skipped."""
+    info = probe_image(job.source, max_pixels=options.max_pixels)
+    animated = info.frames > 1 and job.source.suffix.lower() in ANIMATION_SUFFIXES
+    check_memory(job, info, upscaler, animated)
+    if animated:
+        animation = load_animation(job.source, max_pixels=options.max_pixels)
+        output, warnings = plan_animation_output(job.output)
+        frames, metadata = animation.frames, animation.metadata
+    else:
+        image = load_image(job.source, max_pixels=options.max_pixels)
+        output, warnings = plan_output(job.output, alpha=image.alpha is not None, bit_depth=image.bit_depth)
+        frames, metadata = [image], image.metadata
+        if info.frames > 1:
+            warnings.append(f"{job.source.name}: only the first of its {info.frames} pages is upscaled")
+    if not _claim_output(job, output, options):
+        return None
+    metadata = {} if options.strip_metadata else metadata
+    size = final_size(*frames[0].size, options)
+    if animated:
+        canvases = []
+        for frame in frames:
+            rgb, alpha = upscale_pixels(upscaler, frame, size, progress)
+            canvases.append(to_uint8(rgb if alpha is None else torch.cat([rgb, alpha])))
+        save_animation(output, canvases, animation.durations, animation.loop, quality=options.quality, metadata=metadata)
+    else:
+        rgb, alpha = upscale_pixels(upscaler, image, size, progress)
+        save_image(
+            output, rgb, alpha, quality=options.quality, metadata=metadata, bit_depth=image.bit_depth, grayscale=image.grayscale
+        )
+    if not options.quiet:
+        for warning in warnings:
+            console.warn(warning)
+    return output
 
 
 def run_batch(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
@@ -129,19 +205,22 @@ def run_batch(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
             bar.update(files_task, description=f"files ({job.source.name})")
             started = time.perf_counter()
             try:
-                process_image(upscaler, job, options, on_progress)
+                written = process_image(upscaler, job, options, on_progress)
             except TinySRError as exc:
                 failures.append((job.source, str(exc)))
                 console.error(str(exc))
-            except (OSError, ValueError, RuntimeError) as exc:
+            except (OSError, ValueError, RuntimeError, MemoryError) as exc:
                 message = f"{job.source}: {type(exc).__name__}: {exc}"
                 failures.append((job.source, message))
                 console.error(message)
             else:
-                done += 1
-                console.stdout.print(str(job.output), markup=False)
-                if not options.quiet:
-                    console.note(f"{job.source} -> {job.output} ({time.perf_counter() - started:.1f} s)")
+                if written is None:
+                    skipped += 1
+                else:
+                    done += 1
+                    console.stdout.print(str(written), markup=False)
+                    if not options.quiet:
+                        console.note(f"{job.source} -> {written} ({time.perf_counter() - started:.1f} s)")
             bar.advance(files_task)
 
     if not options.quiet or failures:

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, PngImagePlugin
 
 from tinysr_cli.atomic import atomic_path
@@ -18,7 +17,6 @@ from tinysr_cli.io.images import (
     prepare_output_folder,
     read_metadata,
     to_loaded_image,
-    to_uint8,
 )
 
 ANIMATION_SUFFIXES = {".gif", ".png", ".webp"}
@@ -57,26 +55,24 @@ def plan_animation_output(path: Path) -> tuple[Path, list[str]]:
 
 def save_animation(
     path: Path,
-    frames: list[tuple[torch.Tensor, torch.Tensor | None]],
+    frames: list[np.ndarray],
     durations: list[int],
     loop: int | None,
     *,
     quality: int = 95,
     metadata: dict | None = None,
 ) -> None:
-    """Write (rgb [3, H, W], alpha [1, H, W] or None) frames atomically as GIF, APNG or animated WebP."""
+    """Write H x W x 3 (opaque) or x 4 (RGBA) uint8 frames atomically as GIF, APNG or animated WebP."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in ANIMATION_SUFFIXES:
         raise TinySRError(f"{path}: {suffix} cannot store an animation")
-    transparent = any(alpha is not None for _, alpha in frames)
+    transparent = any(frame.shape[2] == 4 for frame in frames)
     images = []
-    for rgb, alpha in frames:
-        if transparent:
-            alpha = alpha if alpha is not None else torch.ones_like(rgb[:1])
-            images.append(Image.fromarray(to_uint8(torch.cat([rgb, alpha]))))
-        else:
-            images.append(Image.fromarray(to_uint8(rgb)))
+    for frame in frames:
+        if transparent and frame.shape[2] == 3:
+            frame = np.dstack([frame, np.full(frame.shape[:2], 255, dtype=np.uint8)])
+        images.append(Image.fromarray(frame))
     options: dict = {"save_all": True, "append_images": images[1:], "duration": durations}
     if loop is not None:
         options["loop"] = loop

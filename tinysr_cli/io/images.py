@@ -261,7 +261,7 @@ def _cmyk_to_rgb(image: Image.Image, metadata: dict) -> tuple[np.ndarray, bool, 
 
 def _decode_high_depth(path: Path, image: Image.Image, bit_depth: int) -> tuple[np.ndarray, bool]:
     """16-bit and float samples through OpenCV (Pillow truncates 16-bit colour to 8 bits)."""
-    grayscale = image.mode in _GRAY_MODES
+    grayscale = _is_grayscale_file(path, image)
     samples = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if samples is None:
         raise InputError(f"{path}: cannot read image, OpenCV could not decode this {bit_depth}-bit file")
@@ -282,12 +282,23 @@ def _decode_high_depth(path: Path, image: Image.Image, bit_depth: int) -> tuple[
     return samples, grayscale
 
 
+def _is_grayscale_file(path: Path, image: Image.Image) -> bool:
+    """From the header: PNG colour types 0 and 4, TIFF photometric 0 and 1; else Pillow's mode."""
+    if image.format == "PNG":
+        with open(path, "rb") as handle:
+            return handle.read(26)[25] in (0, 4)
+    if image.format == "TIFF":
+        return image.tag_v2.get(262) in (0, 1)
+    return image.mode in _GRAY_MODES
+
+
 def read_metadata(image: Image.Image) -> dict:
     """ICC profile, EXIF (orientation reset to 1, since pixels are stored upright) and XMP, as bytes."""
     metadata: dict = {}
     if image.info.get("icc_profile"):
         metadata["icc_profile"] = image.info["icc_profile"]
-    exif = image.getexif()
+    exif = Image.Exif()
+    exif.load(image.getexif().tobytes())  # a copy: the image's own EXIF still drives exif_transpose
     if image.format == "TIFF":  # a TIFF's "EXIF" is its own IFD: keep the descriptive tags only
         for tag in [tag for tag in exif if tag in _TIFF_LAYOUT_TAGS]:
             del exif[tag]
