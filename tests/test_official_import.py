@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 import official_reference as ref
 from cli_helpers import run_cli, tree_digest
 from tinysr_cli.errors import WeightsError
+from tinysr_cli.models.transformer import sincos_pos_embed
 from tinysr_cli.weights.format import load_weights, read_info
 from tinysr_cli.weights.official import ReleaseLayout, convert_release, timestep_features
 
@@ -153,7 +154,7 @@ class _Payload:
 def test_pickle_with_code_is_refused_and_not_run(release, tmp_path):
     payload = _Payload()
     payload.marker = str(tmp_path / "pwned")
-    (release / ref.POOLED_FILE).write_bytes(pickle.dumps(payload))
+    (release / ref.POOLED_FILE).write_bytes(pickle.dumps(payload, protocol=2))
     with pytest.raises(WeightsError, match=r"pool_embeds\.pt: cannot be read with weights_only=True"):
         convert_release(release)
     assert not (tmp_path / "pwned").exists()
@@ -249,6 +250,15 @@ def test_cli_reports_a_damaged_release_in_one_line(release, tmp_path):
     assert "missing tensor 'proj_out.bias'" in result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_checkpoint_without_a_positional_table_gets_sd3s(release):
+    _edit(release / BASE, _drop("pos_embed.pos_embed"))
+    notes = []
+    model, provenance = convert_release(release, progress=notes.append)
+    assert torch.equal(model.transformer.pos_embed, sincos_pos_embed(64, 32))
+    assert "the checkpoint has none" in provenance["pos_embed"]
+    assert any("holds no positional table" in note for note in notes)
 
 
 def test_layout_paths_may_point_outside_the_release(pristine, tmp_path):

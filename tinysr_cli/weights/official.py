@@ -30,7 +30,13 @@ import torch.nn.functional as F
 from tinysr_cli import __version__
 from tinysr_cli.errors import WeightsError
 from tinysr_cli.models.tinysr import TinySR, TinySRConfig
-from tinysr_cli.models.transformer import ModulatedTransformer, TransformerConfig, crop_pos_embed, fold_modulation
+from tinysr_cli.models.transformer import (
+    ModulatedTransformer,
+    TransformerConfig,
+    crop_pos_embed,
+    fold_modulation,
+    sincos_pos_embed,
+)
 from tinysr_cli.models.vae import VAEConfig
 from tinysr_cli.weights.format import save_weights
 
@@ -145,12 +151,12 @@ def _diffusers_weights(files: _SourceFiles, folder: Path) -> tuple[dict, dict[st
     return config, files.tensors(candidates[0]), candidates[0]
 
 
-def _take(state: dict[str, torch.Tensor], key: str, shape: tuple[int, ...] | None, source: Path) -> torch.Tensor:
-    """Remove ``key`` from ``state``, check its shape (unless None), return it as float32."""
+def _take(state: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], source: Path) -> torch.Tensor:
+    """Remove ``key`` from ``state``, check its shape, return it as float32."""
     if key not in state:
         raise WeightsError(f"{source}: missing tensor {key!r}")
     tensor = state.pop(key)
-    if shape is not None and tuple(tensor.shape) != shape:
+    if tuple(tensor.shape) != shape:
         raise WeightsError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {shape}")
     return tensor.float()
 
@@ -303,28 +309,41 @@ def _transformer_config(config: dict, state: dict[str, torch.Tensor], source: Pa
     )
 
 
-def _crop_table(table: torch.Tensor, hidden: int, source: Path) -> torch.Tensor:
-    """The 32x32 centre of the checkpoint's square table: SD3's crop for a 64x64 latent."""
+def _positional_table(state: dict[str, torch.Tensor], hidden: int, source: Path) -> tuple[torch.Tensor, str]:
+    """(table [1, 1024, hidden], where it came from).
+
+    The 32x32 centre of the checkpoint's square table: SD3's crop for a 64x64 latent. A checkpoint
+    without a table gets SD3's own sin-cos table, cropped the same way (the official code loads a
+    cached copy of it from its repository rather than from the weights).
+    """
+    if "pos_embed.pos_embed" not in state:
+        return sincos_pos_embed(hidden, OFFICIAL_POS_GRID), "SD3's sin-cos table (192 grid, base 64), centre 32x32: the checkpoint has none"
+    table = state.pop("pos_embed.pos_embed")
     count = table.shape[1] if table.ndim == 3 else 0
     grid = math.isqrt(count)
     if table.ndim != 3 or table.shape[0] != 1 or table.shape[2] != hidden or grid * grid != count or grid < OFFICIAL_POS_GRID:
         raise WeightsError(
             f"{source}: 'pos_embed.pos_embed' has shape {tuple(table.shape)}, expected [1, G*G, {hidden}] with G >= {OFFICIAL_POS_GRID}"
         )
-    return crop_pos_embed(table.float(), grid, OFFICIAL_POS_GRID, OFFICIAL_POS_GRID)
+    cropped = crop_pos_embed(table.float(), grid, OFFICIAL_POS_GRID, OFFICIAL_POS_GRID)
+    return cropped, f"centre {OFFICIAL_POS_GRID}x{OFFICIAL_POS_GRID} of the checkpoint's {grid}x{grid} table (SD3's crop for a 64x64 latent)"
 
 
 def _backbone(
     state: dict[str, torch.Tensor], config: TransformerConfig, pooled: torch.Tensor, source: Path
-) -> ModulatedTransformer:
-    """Map the (LoRA-merged) diffusers state onto ``ModulatedTransformer`` and compute its modulation."""
+) -> tuple[ModulatedTransformer, str]:
+    """Map the (LoRA-merged) diffusers state onto ``ModulatedTransformer`` and compute its modulation.
+
+    Returns the model and where its positional table came from.
+    """
     d, p, c = config.hidden_size, config.patch_size, config.latent_channels
     inner = d * config.mlp_ratio
     temb = _conditioning(state, pooled, d, source)
+    table, table_origin = _positional_table(state, d, source)
     ours: dict[str, torch.Tensor] = {
         "patch_embed.weight": _take(state, "pos_embed.proj.weight", (d, c, p, p), source),
         "patch_embed.bias": _take(state, "pos_embed.proj.bias", (d,), source),
-        "pos_embed": _crop_table(_take(state, "pos_embed.pos_embed", None, source), d, source),
+        "pos_embed": table,
         "proj_out.weight": _take(state, "proj_out.weight", (p * p * c, d), source),
         "proj_out.bias": _take(state, "proj_out.bias", (p * p * c,), source),
     }
@@ -348,7 +367,7 @@ def _backbone(
     with torch.device("meta"):
         model = ModulatedTransformer(config)
     model.load_state_dict(ours, assign=True)
-    return model
+    return model, table_origin
 
 
 # ------------------------------------------------------------------------------------- VAE
@@ -439,7 +458,9 @@ def convert_release(
     pooled = _load_pooled(files, paths.pooled_embeds, state[text_key].shape[1])
 
     note("computing the modulation at t = 1000 and folding it into the weights")
-    modulated = _backbone(state, transformer_config, pooled, source)
+    modulated, table_origin = _backbone(state, transformer_config, pooled, source)
+    if "checkpoint has none" in table_origin:
+        note(f"{source} holds no positional table; using SD3's")
     folded = fold_modulation(modulated)
     del modulated
 
@@ -473,7 +494,7 @@ def convert_release(
         "timestep": OFFICIAL_TIMESTEP,
         "lora": {"rank": int(rank), "alpha": alpha, "scale": scale, "modules": count, "merged": True},
         "vae_separable": {"encoder": vae_config.encoder_separable, "decoder": vae_config.decoder_separable},
-        "pos_embed": f"centre {OFFICIAL_POS_GRID}x{OFFICIAL_POS_GRID} crop of the checkpoint's table (SD3's crop for a 64x64 latent)",
+        "pos_embed": table_origin,
         "modulation": "computed at t = 1000 with the pooled embedding and folded into the linear layers",
     }
     return model.eval().requires_grad_(False), provenance
