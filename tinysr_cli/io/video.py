@@ -131,6 +131,8 @@ def partial_path(output: Path) -> Path:
 
 def is_video(path: Path | str) -> bool:
     """True if PyAV opens ``path`` and finds a moving-picture stream (still images and cover art are not videos)."""
+    if not Path(path).is_file():  # never open a FIFO or device, which could block
+        return False
     try:
         container = av.open(str(path), metadata_errors="ignore")
     except (av.FFmpegError, OSError, ValueError):
@@ -531,7 +533,7 @@ class _Batch:
     pts: list[int]
     durations: list[int]  # each frame's own duration from the decoder (0 if unknown)
     side: list[av.Packet]
-    position: float  # seconds of video reached
+    position: float  # seconds of video reached (the end of the batch's last frame)
 
 
 def _batches(source: _Source, batch_size: int, colour: _Colour) -> Iterator[_Batch]:
@@ -572,7 +574,7 @@ def _batches(source: _Source, batch_size: int, colour: _Colour) -> Iterator[_Bat
         frames.append(frame_to_rgb(item, colour))
         pts.append(stamp)
         durations.append(int(item.duration or 0))
-        position = float((stamp - (source.video.start_time or 0)) * source.time_base)
+        position = float((stamp + (item.duration or last_step) - (source.video.start_time or 0)) * source.time_base)
         if len(frames) == batch_size:
             yield flush()
     if frames or side:
@@ -634,6 +636,7 @@ def _codec_canonical(name: str) -> str | None:
 
 
 _KEPT_STREAM_TAGS = ("language", "title", "handler_name")
+_DROPPED_CONTAINER_TAGS = ("encoder", "major_brand", "minor_version", "compatible_brands")  # describe the old file
 
 
 class _Sink:
@@ -660,7 +663,7 @@ class _Sink:
         self.container = av.open(str(path), "w", format=container_format)
         try:
             self.container.metadata.update(
-                {k: v for k, v in source.container.metadata.items() if k not in ("encoder", "major_brand", "minor_version", "compatible_brands")}
+                {k: v for k, v in source.container.metadata.items() if k.lower() not in _DROPPED_CONTAINER_TAGS}
             )
             self.video = self._add_video(encoder, source)
             self._side: dict[int, _SideWriter] = {}
@@ -687,8 +690,10 @@ class _Sink:
         sar = source.video.sample_aspect_ratio
         if sar:
             context.sample_aspect_ratio = sar
-        if encoder.name == "libvpx-vp9" or encoder.name == "libaom-av1":
+        if encoder.name in ("libvpx-vp9", "libaom-av1"):
             context.bit_rate = 0
+        if encoder.name == "libsvtav1":  # it prints its whole configuration on stderr unless told 1 (errors only)
+            os.environ.setdefault("SVT_LOG", "1")
         context.options = {"crf": str(encoder.crf), **_ENCODER_OPTIONS.get(encoder.name, {})}
         if first.rotation:
             stream.set_display_rotation(first.rotation)
