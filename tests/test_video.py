@@ -529,3 +529,24 @@ def test_end_to_end_with_the_engine(tmp_path, tiny_weights):
     assert stream_span(dst, "audio")[0] == "aac"
     planes = [np.concatenate([np.asarray(p).ravel() for p in f.to_ndarray()]) for f in frames]
     assert np.array_equal(planes[0], planes[1])  # the same frame in two engine calls: the same output
+
+
+def test_without_pyav_videos_say_what_to_install(tmp_path):
+    """The "video" extra is optional: without PyAV nothing is a video and upscaling one names the extra."""
+    import subprocess
+    import sys
+
+    make_clip(tmp_path / "clip.mp4", frames=2)
+    script = (
+        "import sys; sys.modules['av'] = None\n"
+        "from tinysr_cli.errors import TinySRError\n"
+        "from tinysr_cli.io import video\n"
+        f"assert not video.is_video({str(tmp_path / 'clip.mp4')!r})\n"
+        "try:\n"
+        f"    video.upscale_video({str(tmp_path / 'clip.mp4')!r}, {str(tmp_path / 'out.mp4')!r}, None)\n"
+        "except TinySRError as exc:\n"
+        "    print(exc, '|', exc.hint)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "video support needs PyAV, which is not installed | pip install 'tinysr[video]'", done.stderr
+    assert not (tmp_path / "out.mp4").exists()

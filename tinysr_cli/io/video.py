@@ -27,17 +27,21 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 
 from tinysr_cli.atomic import atomic_path
 from tinysr_cli.errors import InputError, TinySRError
 
+try:
+    import av
+except ImportError:  # the optional "video" extra: images keep working, videos say what to install
+    av = None
+
 # [N, 3, H, W] float32 in [0, 1] on the CPU -> [N, 3, 4H, 4W], same convention.
 FrameUpscaler = Callable[[torch.Tensor], torch.Tensor]
 
-UPSCALE = 4
+UPSCALE = 4  # the FrameUpscaler contract
 DEFAULT_BATCH_SIZE = 4
 
 # Inputs recognised by name; anything else is probed (`is_video`).
@@ -67,7 +71,6 @@ _ENCODABLE_PIX_FMT = re.compile(r"yuv(420|422|444)p(?:(10|12)le)?")
 _MATRICES = {1: (0.2126, 0.0722), 4: (0.30, 0.11), 5: (0.299, 0.114), 6: (0.299, 0.114), 7: (0.212, 0.087), 9: (0.2627, 0.0593), 10: (0.2627, 0.0593)}
 _BT709, _BT601 = 1, 6
 _RANGE_LIMITED, _RANGE_FULL = 1, 2
-_UNSPECIFIED = 2  # AVCOL_PRI/TRC/SPC_UNSPECIFIED
 
 
 @dataclass(frozen=True)
@@ -108,8 +111,14 @@ class VideoResult:
         return self.frames / self.elapsed if self.elapsed > 0 else 0.0
 
 
+def _require_av() -> None:
+    if av is None:
+        raise TinySRError("video support needs PyAV, which is not installed", hint="pip install 'tinysr[video]'")
+
+
 def available_codecs() -> dict[str, str]:
     """--codec names this PyAV build can encode, with the encoder each one uses."""
+    _require_av()
     found = {}
     for name, candidates in ENCODERS.items():
         encoder = _first_encoder(candidates)
@@ -131,7 +140,7 @@ def partial_path(output: Path) -> Path:
 
 def is_video(path: Path | str) -> bool:
     """True if PyAV opens ``path`` and finds a moving-picture stream (still images and cover art are not videos)."""
-    if not Path(path).is_file():  # never open a FIFO or device, which could block
+    if av is None or not Path(path).is_file():  # never open a FIFO or device, which could block
         return False
     try:
         container = av.open(str(path), metadata_errors="ignore")
@@ -146,6 +155,7 @@ def is_video(path: Path | str) -> bool:
 
 def check_settings(codec: str, crf: int | None, pix_fmt: str | None) -> None:
     """Validate --codec/--crf/--pix-fmt once, before any file is touched (raises TinySRError)."""
+    _require_av()
     _encoder_settings(codec, crf, pix_fmt)
 
 
@@ -168,6 +178,7 @@ def upscale_video(
     written; with ``keep_partial`` an interrupted or failed run leaves what was encoded, playable,
     at ``partial_path(dst)``.
     """
+    _require_av()
     src, dst = Path(src), Path(dst)
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -182,21 +193,24 @@ def upscale_video(
         raise TinySRError(f"{dst}: {dst.suffix} cannot hold {codec} video", hint="use .mkv or .mp4")
 
     started = time.perf_counter()
-    with _Source(src) as source:
-        first = source.first_frame
-        colour = _Colour.of(first)
-        chosen_pix_fmt, depth_note = _choose_pix_fmt(encoder, first.format.name, pix_fmt)
-        side = _plan_side_streams(source.container, source.video, container_format, dst.suffix)
-        notes = tuple(note for note in [depth_note, *(plan.note for plan in side)] if note)
-        batch = min(batch_size, source.estimated_frames or batch_size)
-        with atomic_path(dst) as tmp:
-            sink = _Sink(tmp, container_format, encoder, chosen_pix_fmt, colour, source, side)
-            try:
-                written = _Pipeline(source, sink, colour, upscale_frames, batch, progress, keep_partial).run()
-            except BaseException:
-                if keep_partial and sink.frames_written:
-                    os.replace(tmp, partial_path(dst))
-                raise
+    try:
+        with _Source(src) as source:
+            first = source.first_frame
+            colour = _Colour.of(first)
+            chosen_pix_fmt, depth_note = _choose_pix_fmt(encoder, first.format.name, pix_fmt)
+            side = _plan_side_streams(source.container, source.video, container_format, dst.suffix)
+            notes = tuple(note for note in [depth_note, *(plan.note for plan in side)] if note)
+            batch = min(batch_size, source.estimated_frames or batch_size)
+            with atomic_path(dst) as tmp:
+                sink = _Sink(tmp, container_format, encoder, chosen_pix_fmt, colour, source, side)
+                try:
+                    written = _Pipeline(source, sink, colour, upscale_frames, batch, progress, keep_partial).run()
+                except BaseException:
+                    if keep_partial and sink.frames_written:
+                        os.replace(tmp, partial_path(dst))
+                    raise
+    except av.FFmpegError as exc:  # encoding or muxing; reading errors are InputErrors already
+        raise TinySRError(f"{src}: writing {dst.name} failed ({_reason(exc)})") from exc
     return VideoResult(
         output=dst,
         frames=written,
@@ -216,12 +230,10 @@ def upscale_video(
 
 @dataclass(frozen=True)
 class _Encoder:
-    alias: str  # h264, hevc, vp9, av1
     name: str  # the encoder, e.g. libx264
     canonical: str  # the codec it writes, as containers name it
     crf: int
     pix_fmts: tuple[str, ...]
-    requested_pix_fmt: str | None
 
 
 def _first_encoder(candidates: Iterable[str]) -> str | None:
@@ -250,7 +262,7 @@ def _encoder_settings(codec: str, crf: int | None, pix_fmt: str | None) -> _Enco
         encodable = [f for f in pix_fmts if _ENCODABLE_PIX_FMT.fullmatch(f)]
         if pix_fmt not in encodable:
             raise TinySRError(f"{name} cannot write pixel format {pix_fmt!r}", hint=f"choose from {', '.join(encodable)}")
-    return _Encoder(codec, name, info.canonical_name, default_crf if crf is None else crf, pix_fmts, pix_fmt)
+    return _Encoder(name, info.canonical_name, default_crf if crf is None else crf, pix_fmts)
 
 
 def _choose_pix_fmt(encoder: _Encoder, source_fmt: str, requested: str | None) -> tuple[str, str | None]:
