@@ -208,7 +208,7 @@ def run_batch(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
                 written = process_image(upscaler, job, options, on_progress)
             except TinySRError as exc:
                 failures.append((job.source, str(exc)))
-                console.error(str(exc))
+                console.error(str(exc), hint=exc.hint)
             except (OSError, ValueError, RuntimeError, MemoryError) as exc:
                 message = f"{job.source}: {type(exc).__name__}: {exc}"
                 failures.append((job.source, message))

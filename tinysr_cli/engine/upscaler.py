@@ -108,7 +108,9 @@ class Upscaler:
         sr = (sr + 1) / 2
         if work.shape[-2:] != images.shape[-2:]:
             sr = F.interpolate(sr, size=(height * UPSCALE, width * UPSCALE), mode="bicubic", antialias=True, align_corners=False)
-        return self._color_fix(sr, images).clamp_(0, 1)
+        # A one-pixel input has no standard deviation for AdaIN: its (flat) enlargement stands in.
+        reference = work if height * width == 1 else images
+        return self._color_fix(sr, reference).clamp_(0, 1)
 
     def _enlarge_small(self, images: torch.Tensor) -> torch.Tensor:
         """Inputs whose short side is below the model's minimum are enlarged to it (bicubic)."""
