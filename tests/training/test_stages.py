@@ -254,6 +254,20 @@ def test_recipe_mistakes_are_named(tmp_path):
             load_recipe(path)
 
 
+def test_data_table_mistakes_are_named(workspace):
+    good = {"hr_folders": ["photos"], "hr_size": 64, "scale": 4, "seed": 1, "degradation": "mild"}
+    assert make_pair_source(good, workspace).degradation.stage2.blur_prob == 0.5  # the MILD preset
+    cases = {
+        "unknown key.*crop": {**good, "crop": 3},
+        "degradation is 'jpeg'": {**good, "degradation": "jpeg"},
+        "multiple of the scale 4": {**good, "hr_size": 66},
+        "hr_folders must list": {**good, "hr_folders": "photos"},
+    }
+    for message, data in cases.items():
+        with pytest.raises(TinySRError, match=message):
+            make_pair_source(data, workspace)
+
+
 def test_lpips_without_weights_is_a_clear_error():
     from training.losses import build_perceptual
 
