@@ -1,6 +1,6 @@
 """Every kind of image a user throws at `tinysr upscale`, through the real CLI.
 
-One batch runs a corpus of 40 files written by Pillow and OpenCV (plus hand-made hostile ones): the
+One batch runs a corpus of 41 files written by Pillow and OpenCV (plus hand-made hostile ones): the
 exit code, one error line per bad file, the outputs' sizes, modes and bit depths, inputs unchanged
 byte for byte, and no temporary or partial file left. Further runs cover format switches, metadata
 stripping, resuming, interruption by SIGINT/SIGKILL and unusable output folders.
@@ -98,6 +98,8 @@ def build_corpus(folder: Path) -> tuple[dict[str, dict], dict[str, str]]:
     for name, array in [("rgb16.png", u16[..., :3]), ("rgba16.png", u16), ("rgb16.tif", u16[..., :3])]:
         cv2.imwrite(str(folder / name), array)
         ok[name] = {"size": (160, 120), "depth": 16}
+    cv2.imwrite(str(folder / "глубокий 16 bit ✓.png"), u16[..., :3])  # the OpenCV decoding path, unicode name
+    ok["глубокий 16 bit ✓.png"] = {"size": (160, 120), "depth": 16}
     image("gray16.png", Image.fromarray(u16[..., 0]))
     image("gray16.tif", Image.fromarray(u16[..., 0]))
     ok["gray16.png"]["mode"] = ok["gray16.tif"]["mode"] = "I;16"
