@@ -1,6 +1,6 @@
 """Every kind of image a user throws at `tinysr upscale`, through the real CLI.
 
-One batch runs a corpus of 41 files written by Pillow and OpenCV (plus hand-made hostile ones): the
+One batch runs a corpus of 40 inputs written by Pillow and OpenCV (plus hand-made hostile ones): the
 exit code, one error line per bad file, the outputs' sizes, modes and bit depths, inputs unchanged
 byte for byte, and no temporary or partial file left. Further runs cover format switches, metadata
 stripping, resuming, interruption by SIGINT/SIGKILL and unusable output folders.

@@ -171,6 +171,10 @@ def test_rgba_to_a_format_without_alpha_switches_to_png(tmp_path):
     assert plan_output(tmp_path / "a.webp", alpha=True, bit_depth=8) == (tmp_path / "a.webp", [])
     path, warnings = plan_output(tmp_path / "a.jpg", alpha=False, bit_depth=16)
     assert path == tmp_path / "a.jpg" and warnings == ["a.jpg: .jpg stores 8 bits per sample, the 16-bit input is reduced to 8 bits"]
+    assert plan_output(tmp_path / "a.tif", alpha=False, bit_depth=16, metadata=True)[1] == [
+        "a.tif: 16-bit colour TIFF is written without the ICC profile, EXIF and XMP"
+    ]
+    assert plan_output(tmp_path / "a.tif", alpha=False, bit_depth=16, grayscale=True, metadata=True)[1] == []
 
 
 def test_bleed_gives_hidden_pixels_the_nearest_visible_colour():

@@ -136,7 +136,13 @@ def process_image(upscaler: Upscaler, job: Job, options: BatchOptions, progress)
         frames, metadata = animation.frames, animation.metadata
     else:
         image = load_image(job.source, max_pixels=options.max_pixels)
-        output, warnings = plan_output(job.output, alpha=image.alpha is not None, bit_depth=image.bit_depth)
+        output, warnings = plan_output(
+            job.output,
+            alpha=image.alpha is not None,
+            bit_depth=image.bit_depth,
+            grayscale=image.grayscale,
+            metadata=bool(image.metadata) and not options.strip_metadata,
+        )
         frames, metadata = [image], image.metadata
         if info.frames > 1:
             warnings.append(f"{job.source.name}: only the first of its {info.frames} pages is upscaled")

@@ -346,11 +346,13 @@ def to_luma(rgb: torch.Tensor) -> torch.Tensor:
 # --- writing ---------------------------------------------------------------------------------
 
 
-def plan_output(path: Path, *, alpha: bool, bit_depth: int) -> tuple[Path, list[str]]:
+def plan_output(
+    path: Path, *, alpha: bool, bit_depth: int, grayscale: bool = False, metadata: bool = False
+) -> tuple[Path, list[str]]:
     """Where to write and what is lost on the way, as warnings.
 
     A format that cannot store transparency switches to .png; 16-bit samples written to an 8-bit
-    format are reduced to 8 bits (said, not silently done).
+    format are reduced to 8 bits; a 16-bit colour TIFF (written by OpenCV) carries no metadata.
     """
     warnings = []
     suffix = path.suffix.lower()
@@ -360,6 +362,8 @@ def plan_output(path: Path, *, alpha: bool, bit_depth: int) -> tuple[Path, list[
         path, suffix = new, ".png"
     if bit_depth > 8 and suffix not in HIGH_DEPTH_SUFFIXES:
         warnings.append(f"{path.name}: {suffix} stores 8 bits per sample, the {bit_depth}-bit input is reduced to 8 bits")
+    if bit_depth == 16 and suffix in {".tif", ".tiff"} and (alpha or not grayscale) and metadata:
+        warnings.append(f"{path.name}: 16-bit colour TIFF is written without the ICC profile, EXIF and XMP")
     return path, warnings
 
 
