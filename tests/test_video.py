@@ -550,3 +550,37 @@ def test_without_pyav_videos_say_what_to_install(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "video support needs PyAV, which is not installed | pip install 'tinysr[video]'", done.stderr
     assert not (tmp_path / "out.mp4").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Through the CLI
+
+
+def test_cli_upscales_videos_in_a_folder_and_reports_the_broken_one(tmp_path, tiny_weights):
+    from cli_helpers import run_cli, tree_digest
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    make_clip(folder / "clip.mp4", frames=2, size=(32, 24))
+    (folder / "clip.mp4").rename(folder / "clip.dat")  # found by probing, not by name
+    Image.fromarray(pattern(0, 24, 32)).save(folder / "still.png")
+    (folder / "broken.mov").write_bytes(b"not a video at all " * 20)
+    before = tree_digest(folder)
+    out = tmp_path / "out"
+
+    result = run_cli("upscale", folder, "-o", out, "--video-only", "--model", tiny_weights, "--crf", "20")
+    assert result.returncode == 1, result.stderr  # broken.mov failed, the batch went on
+    assert result.stdout.strip() == str(out / "clip.mkv")  # .dat is not a container we write: Matroska
+    assert f"{folder / 'broken.mov'}: not a readable video" in result.stderr
+    assert f"skipped {folder / 'still.png'}: not a video" in result.stderr
+    assert "1 upscaled, 0 skipped, 1 failed" in result.stderr
+    frames = video_frames(out / "clip.mkv")
+    assert len(frames) == 2 and (frames[0].width, frames[0].height) == (128, 96)
+    assert stream_span(out / "clip.mkv", "audio")[0] == "aac"
+    assert sorted(p.name for p in out.iterdir()) == ["clip.mkv"]  # nothing for broken.mov, no temporary file
+    assert tree_digest(folder) == before
+
+    bad = run_cli("upscale", folder / "clip.dat", "-o", tmp_path / "x.mp4", "--model", tiny_weights, "--codec", "h265")
+    assert bad.returncode == 1 and "Error: unknown video codec 'h265'" in bad.stderr
+    assert not (tmp_path / "x.mp4").exists()

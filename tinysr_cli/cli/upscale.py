@@ -11,10 +11,11 @@ from tinysr_cli.cli import console
 
 _ENGINE = "Engine"
 _OUTPUT = "Output"
+_VIDEO = "Video"
 
 
 def upscale_command(
-    inputs: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.", show_default=False)],
+    inputs: Annotated[list[str], typer.Argument(help="Images, videos, folders or glob patterns.", show_default=False)],
     output: Annotated[
         Optional[Path],
         typer.Option("--output", "-o", help="Output file (one input) or folder. Default: next to each input."),
@@ -60,12 +61,27 @@ def upscale_command(
             "default: Pillow's, 89478485).",
         ),
     ] = 89478485,
+    codec: Annotated[str, typer.Option(help="h264, hevc, vp9 or av1 (those this PyAV build encodes).", rich_help_panel=_VIDEO)] = "h264",
+    crf: Annotated[
+        Optional[int],
+        typer.Option(help="Constant quality, lower is better (default: h264 18, hevc 20, vp9 24, av1 28).", rich_help_panel=_VIDEO),
+    ] = None,
+    pix_fmt: Annotated[
+        Optional[str],
+        typer.Option("--pix-fmt", help="e.g. yuv420p10le (default: the source's chroma layout and bit depth).", rich_help_panel=_VIDEO),
+    ] = None,
+    keep_partial: Annotated[
+        bool,
+        typer.Option("--keep-partial", help="After a failure or Ctrl-C keep the playable start as NAME.partial.EXT.", rich_help_panel=_VIDEO),
+    ] = False,
+    video_only: Annotated[bool, typer.Option("--video-only", help="Upscale videos only, skip images.")] = False,
+    images_only: Annotated[bool, typer.Option("--images-only", help="Upscale images only, skip videos.")] = False,
 ) -> None:
-    """Upscale images 4x with TinySR."""
-    from tinysr_cli.cli.upscale_run import BatchOptions, run_batch
+    """Upscale images and videos 4x with TinySR."""
+    from tinysr_cli.cli.upscale_run import BatchOptions, input_kind, plan_inputs, run_batch
     from tinysr_cli.engine.upscaler import UpscaleOptions
     from tinysr_cli.errors import TinySRError
-    from tinysr_cli.io.paths import plan_jobs
+    from tinysr_cli.io import video
 
     if scale is not None and (width is not None or height is not None):
         raise TinySRError("--scale cannot be combined with --width/--height")
@@ -73,7 +89,11 @@ def upscale_command(
         engine_options = UpscaleOptions(tile=tile, tile_overlap=tile_overlap, batch_size=batch_size, color_fix=color_fix)
     except ValueError as exc:
         raise TinySRError(str(exc)) from None
-    plan = plan_jobs(inputs, output, recursive=recursive, suffix=suffix, output_format=output_format)
+    plan = plan_inputs(
+        inputs, output, video_only=video_only, images_only=images_only, recursive=recursive, suffix=suffix, output_format=output_format
+    )
+    if any(input_kind(job.source) == "video" for job in plan.jobs):
+        video.check_settings(codec, crf, pix_fmt)
     options = BatchOptions(
         model=model,
         device=device,
@@ -87,6 +107,10 @@ def upscale_command(
         quiet=quiet,
         strip_metadata=strip_metadata,
         max_pixels=max_pixels,
+        codec=codec,
+        crf=crf,
+        pix_fmt=pix_fmt,
+        keep_partial=keep_partial,
     )
     failures = run_batch(plan, options)
     if failures:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,11 @@ from tinysr_cli.cli import console
 from tinysr_cli.engine.device import resolve_device, resolve_precision
 from tinysr_cli.engine.upscaler import UpscaleOptions, Upscaler, available_memory
 from tinysr_cli.errors import TinySRError
+from tinysr_cli.io import video
 from tinysr_cli.io.animated import ANIMATION_SUFFIXES, load_animation, plan_animation_output, save_animation
 from tinysr_cli.io.images import (
     DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
     ImageInfo,
     LoadedImage,
     bleed_transparent,
@@ -28,7 +31,7 @@ from tinysr_cli.io.images import (
     save_image,
     to_uint8,
 )
-from tinysr_cli.io.paths import Job, Plan
+from tinysr_cli.io.paths import Job, Plan, plan_jobs
 from tinysr_cli.models.tinysr import UPSCALE
 from tinysr_cli.weights.format import load_weights
 from tinysr_cli.weights.hub import resolve_model
@@ -48,6 +51,43 @@ class BatchOptions:
     quiet: bool
     strip_metadata: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+    codec: str = "h264"
+    crf: int | None = None
+    pix_fmt: str | None = None
+    keep_partial: bool = False
+
+
+@functools.lru_cache(maxsize=4096)
+def input_kind(path: Path) -> str | None:
+    """"image" or "video" by suffix; other files are probed for a video stream. None: neither."""
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return "image"
+    if suffix in video.VIDEO_SUFFIXES or video.is_video(path):
+        return "video"
+    return None
+
+
+def plan_inputs(inputs: list[str], output: Path | None, *, video_only: bool, images_only: bool, **naming) -> Plan:
+    """`plan_jobs` for images and videos (videos keep a container we write); the filters apply to
+    every input, named ones too (a shell glob arrives as names)."""
+    if video_only and images_only:
+        raise TinySRError("--video-only and --images-only exclude each other")
+    wanted = {"video"} if video_only else {"image"} if images_only else {"image", "video"}
+    note = "not a video" if video_only else "not an image" if images_only else "not an image or video"
+    plan = plan_jobs(
+        inputs,
+        output,
+        accept=lambda path: input_kind(path) in wanted,
+        suffix_for=lambda path: video.output_suffix(path) if input_kind(path) == "video" else None,
+        skip_note=note,
+        **naming,
+    )
+    if not (video_only or images_only):
+        return plan
+    kept = [job for job in plan.jobs if input_kind(job.source) in wanted]
+    dropped = [(job.source, note) for job in plan.jobs if input_kind(job.source) not in wanted]
+    return Plan(kept, plan.skipped + dropped)
 
 
 def load_upscaler(options: BatchOptions) -> Upscaler:
@@ -167,6 +207,42 @@ def process_image(upscaler: Upscaler, job: Job, options: BatchOptions, progress)
     return output
 
 
+def process_video(upscaler: Upscaler, job: Job, options: BatchOptions, bar: Progress) -> Path:
+    """Upscale one video exactly 4x, streamed; frames, frames/s and ETA on the progress bar."""
+    if options.scale is not None or options.width or options.height:
+        raise TinySRError(f"{job.source}: --scale, --width and --height apply to images; videos are upscaled 4x")
+    task = bar.add_task("frames", total=None)
+
+    def on_progress(progress: video.VideoProgress) -> None:
+        eta = f", ETA {time.strftime('%H:%M:%S', time.gmtime(progress.eta))}" if progress.eta is not None else ""
+        total = max(progress.estimated_frames, progress.frames) if progress.estimated_frames else None
+        bar.update(task, completed=progress.frames, total=total, description=f"frames ({progress.fps:.2f}/s{eta})")
+
+    try:
+        result = video.upscale_video(
+            job.source,
+            job.output,
+            upscaler.upscale_batch,
+            codec=options.codec,
+            crf=options.crf,
+            pix_fmt=options.pix_fmt,
+            keep_partial=options.keep_partial,
+            batch_size=1 if upscaler.device.type == "cpu" else video.DEFAULT_BATCH_SIZE,
+            progress=on_progress,
+        )
+    except TinySRError:
+        partial = video.partial_path(job.output)
+        if options.keep_partial and partial.exists() and not options.quiet:
+            console.note(f"kept the part written so far in {partial}")
+        raise
+    finally:
+        bar.remove_task(task)
+    if not options.quiet:
+        for note in result.notes:
+            console.note(f"{job.source.name}: {note}")
+    return job.output
+
+
 def run_batch(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
     """Process every job; returns the failures as (input, message). Results go to stdout."""
     failures: list[tuple[Path, str]] = []
@@ -211,7 +287,10 @@ def run_batch(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
             bar.update(files_task, description=f"files ({job.source.name})")
             started = time.perf_counter()
             try:
-                written = process_image(upscaler, job, options, on_progress)
+                if input_kind(job.source) == "video":
+                    written = process_video(upscaler, job, options, bar)
+                else:
+                    written = process_image(upscaler, job, options, on_progress)
             except TinySRError as exc:
                 failures.append((job.source, str(exc)))
                 console.error(str(exc), hint=exc.hint)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,9 @@ class Plan:
     skipped: list[tuple[Path, str]]  # (path, reason): not images, found while scanning folders
 
 
-def _scan_folder(folder: Path, recursive: bool, accept) -> tuple[list[tuple[Path, Path]], list[tuple[Path, str]]]:
+def _scan_folder(
+    folder: Path, recursive: bool, accept, skip_note: str = "not an image"
+) -> tuple[list[tuple[Path, Path]], list[tuple[Path, str]]]:
     """(file, path relative to folder) for accepted files; the rest as skipped notes. Sorted."""
     found, skipped = [], []
     entries = folder.rglob("*") if recursive else folder.iterdir()
@@ -35,7 +38,7 @@ def _scan_folder(folder: Path, recursive: bool, accept) -> tuple[list[tuple[Path
         if accept(path):
             found.append((path, path.relative_to(folder)))
         else:
-            skipped.append((path, "not an image"))
+            skipped.append((path, skip_note))
     return found, skipped
 
 
@@ -47,6 +50,8 @@ def plan_jobs(
     suffix: str | None = None,
     output_format: str | None = None,
     accept=lambda path: path.suffix.lower() in IMAGE_SUFFIXES,
+    suffix_for: Callable[[Path], str | None] = lambda path: None,
+    skip_note: str = "not an image",
 ) -> Plan:
     """Resolve inputs (files, folders, globs) and output names.
 
@@ -54,7 +59,9 @@ def plan_jobs(
     - otherwise ``-o`` is a folder; a folder input is mirrored below it (sub-folders with ``recursive``);
     - without ``-o`` outputs go next to their inputs.
     ``suffix`` defaults to ``_x4`` when an output would land in its input's folder, else to none.
-    The extension is ``output_format``'s, else the input's (unwritable ones become ``.png``).
+    The extension is ``suffix_for(input)`` if it gives one (videos keep a container), else
+    ``output_format``'s, else the input's (unwritable ones become ``.png``). Files ``accept``
+    refuses while scanning are listed as skipped with ``skip_note``.
     """
     if output_format is not None and output_format.lower() not in FORMATS:
         raise TinySRError(f"unknown format {output_format!r}", hint=f"choose from {', '.join(sorted(set(FORMATS)))}")
@@ -63,7 +70,7 @@ def plan_jobs(
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            found, notes = _scan_folder(path, recursive, accept)
+            found, notes = _scan_folder(path, recursive, accept, skip_note)
             sources.extend(found)
             skipped.extend(notes)
         elif path.exists():
@@ -74,7 +81,7 @@ def plan_jobs(
                 raise TinySRError(f"{raw}: the pattern matches no file")
             for match in matches:
                 if match.is_file():
-                    (sources.append((match, None)) if accept(match) else skipped.append((match, "not an image")))
+                    (sources.append((match, None)) if accept(match) else skipped.append((match, skip_note)))
         else:
             raise TinySRError(f"{raw}: no such file or folder")
 
@@ -92,7 +99,7 @@ def plan_jobs(
             target = output
         else:
             folder = source.parent if output is None else output / (relative.parent if relative else Path())
-            extension = FORMATS[output_format.lower()] if output_format else _writable_suffix(source)
+            extension = suffix_for(source) or (FORMATS[output_format.lower()] if output_format else _writable_suffix(source))
             own_folder = folder.resolve() == source.parent.resolve()
             stem_suffix = suffix if suffix is not None else (DEFAULT_SUFFIX if own_folder else "")
             target = folder / f"{source.stem}{stem_suffix}{extension}"

@@ -32,6 +32,7 @@ import torch
 
 from tinysr_cli.atomic import atomic_path
 from tinysr_cli.errors import InputError, TinySRError
+from tinysr_cli.io.images import prepare_output_folder
 
 try:
     import av
@@ -201,6 +202,7 @@ def upscale_video(
             side = _plan_side_streams(source.container, source.video, container_format, dst.suffix)
             notes = tuple(note for note in [depth_note, *(plan.note for plan in side)] if note)
             batch = min(batch_size, source.estimated_frames or batch_size)
+            prepare_output_folder(dst)
             with atomic_path(dst) as tmp:
                 sink = _Sink(tmp, container_format, encoder, chosen_pix_fmt, colour, source, side)
                 try:
