@@ -122,3 +122,21 @@ def test_bf16_on_cpu_stays_close_to_fp32(tiny_model):
     # The Upscaler takes ownership of its model (moves/casts it): give it a copy.
     bf16 = Upscaler(copy.deepcopy(tiny_model), dtype=torch.bfloat16).upscale(image)
     assert (fp32 - bf16).abs().mean() < 0.02
+
+
+def test_default_tile_follows_the_model_grid():
+    # A model trained with a 16x16 positional grid accepts 32-latent tiles; the default adapts.
+    from tinysr_cli.models.tinysr import TinySR, TinySRConfig
+    from tinysr_cli.models.transformer import TransformerConfig
+    from tinysr_cli.models.vae import VAEConfig
+
+    torch.manual_seed(0)
+    small = TinySR(TinySRConfig(
+        TransformerConfig(num_layers=1, hidden_size=32, num_heads=2, pos_grid=16),
+        VAEConfig(encoder_channels=(8,) * 4, decoder_channels=(8,) * 4, encoder_blocks=(1,) * 4, decoder_blocks=(1,) * 4),
+    ))
+    upscaler = Upscaler(small)
+    assert upscaler.tile == 32 and upscaler.min_lr_side == 64
+    assert upscaler.upscale(_tensor(photo("astronaut", (70, 90)))).shape == (3, 280, 360)
+    with pytest.raises(ValueError, match="at most 32 latent pixels"):
+        Upscaler(small, options=UpscaleOptions(tile=64))

@@ -29,7 +29,9 @@ def upscale_command(
     precision: Annotated[
         str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.", rich_help_panel=_ENGINE)
     ] = "auto",
-    tile: Annotated[int, typer.Option(help="Backbone tile in latent pixels (64 = 512 px).", rich_help_panel=_ENGINE)] = 64,
+    tile: Annotated[
+        int, typer.Option(help="Backbone tile in latent pixels; 0 = the model's own (64 = 512 px).", rich_help_panel=_ENGINE)
+    ] = 0,
     tile_overlap: Annotated[int, typer.Option(help="Overlap of backbone tiles, latent pixels.", rich_help_panel=_ENGINE)] = 8,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass; 0 = automatic.", rich_help_panel=_ENGINE)] = 0,
     color_fix: Annotated[

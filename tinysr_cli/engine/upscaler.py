@@ -38,7 +38,7 @@ ProgressCallback = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class UpscaleOptions:
-    tile: int = 64  # backbone tile side, in latent pixels (64 = 512 output pixels)
+    tile: int = 0  # backbone tile side in latent pixels; 0 = the model's native size (64 = 512 px)
     tile_overlap: int = 8  # latent pixels shared by neighbouring tiles
     batch_size: int = 0  # backbone tiles per forward pass; 0 picks one for the device
     color_fix: str | None = None  # None: the weights file's default
@@ -47,8 +47,8 @@ class UpscaleOptions:
     def __post_init__(self) -> None:
         if self.color_fix is not None and self.color_fix not in COLOR_FIXES:
             raise ValueError(f"color_fix must be one of {COLOR_FIXES}")
-        if not 0 <= self.tile_overlap < self.tile:
-            raise ValueError("tile_overlap must be at least 0 and smaller than tile")
+        if self.tile < 0 or self.tile_overlap < 0 or (self.tile and self.tile_overlap >= self.tile):
+            raise ValueError("tile must be >= 0 and tile_overlap at least 0 and smaller than tile")
         if self.batch_size < 0 or self.vae_tile < 8:
             raise ValueError("batch_size must be >= 0 and vae_tile >= 8")
 
@@ -70,9 +70,11 @@ class Upscaler:
     ) -> None:
         config = model.config
         patch = config.transformer.patch_size
-        if options.tile % patch or options.tile > config.transformer.max_latent_size:
+        self.tile = options.tile or config.transformer.max_latent_size
+        if self.tile % patch or self.tile > config.transformer.max_latent_size or self.tile <= options.tile_overlap:
             raise ValueError(
-                f"tile must be a multiple of {patch} and at most {config.transformer.max_latent_size} latent pixels"
+                f"tile must be a multiple of {patch}, larger than the overlap and at most "
+                f"{config.transformer.max_latent_size} latent pixels for this model"
             )
         self.device = torch.device(device)
         self.dtype = dtype
@@ -153,7 +155,7 @@ class Upscaler:
 
     def _velocity(self, latent: torch.Tensor, progress: ProgressCallback | None) -> torch.Tensor:
         """Backbone velocity over overlapping tiles, blended with normalised Gaussian weights."""
-        tiles = plan_tiles(*latent.shape[-2:], self.options.tile, self.options.tile_overlap)
+        tiles = plan_tiles(*latent.shape[-2:], self.tile, self.options.tile_overlap)
         done = 0
 
         def report(count: int) -> None:
@@ -164,7 +166,7 @@ class Upscaler:
 
         if progress is not None:
             progress("tiles", 0, len(tiles))
-        run = _BackboneRun(self, latent, self.options.tile, self.options.tile_overlap, self.batch_size, fp32_cache={})
+        run = _BackboneRun(self, latent, self.tile, self.options.tile_overlap, self.batch_size, fp32_cache={})
         return blend_tiles(tuple(latent.shape), tiles, run, self.batch_size, report)
 
     def _color_fix(self, sr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
