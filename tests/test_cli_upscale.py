@@ -86,7 +86,7 @@ def test_clear_errors(tmp_path, inputs, tiny_weights):
     assert missing.returncode == 1 and "nope.png: no such file or folder" in missing.stderr
     assert "Traceback" not in missing.stderr
     no_model = run_cli("upscale", inputs / "a.png", "-o", tmp_path / "x.png", "--model", tmp_path / "absent.safetensors")
-    assert no_model.returncode == 1 and "no such weights file" in no_model.stderr
+    assert no_model.returncode == 1 and "absent.safetensors: no such file" in no_model.stderr
     same = run_cli("upscale", inputs / "a.png", "-o", inputs / "a.png", "--model", tiny_weights, "--overwrite")
     assert same.returncode == 1 and "the output path is the input file" in same.stderr
     fp16 = run_cli("upscale", inputs / "a.png", "-o", tmp_path / "y.png", "--model", tiny_weights, "--device", "cpu", "--precision", "fp16")

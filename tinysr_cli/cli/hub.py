@@ -11,7 +11,7 @@ import typer
 
 from tinysr_cli.cli import console
 
-_MODEL_HELP = "Registry name, owner/name[@revision][/file.safetensors], hf:// URI or local file (default: the configured model)."
+_MODEL_HELP = "Registry name, owner/name\\[@revision]\\[/file.safetensors], hf:// URI or local file (default: the configured model)."
 
 
 def _human(size: int | None) -> str:
@@ -198,7 +198,7 @@ def push_command(
 
 
 def remove_command(
-    model: Annotated[str, typer.Argument(help="Registry name or owner/name[@revision][/file.safetensors].")],
+    model: Annotated[str, typer.Argument(help="Registry name or owner/name\\[@revision]\\[/file.safetensors].")],
 ) -> None:
     """Delete a model's file (every cached revision) from the Hugging Face cache."""
     from tinysr_cli.errors import WeightsError

@@ -65,6 +65,11 @@ def _register() -> None:
 _register()
 
 
+def _is_usage_error(exc: Exception) -> bool:
+    """Click's own errors (bad option, unknown command): Typer >= 0.26 vendors Click, so match by shape."""
+    return callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int)
+
+
 def main() -> None:
     """Run the CLI; known errors become one line on stderr and exit code 1."""
     try:
@@ -81,9 +86,7 @@ def main() -> None:
         console.error("interrupted")
         sys.exit(130)
     except Exception as exc:  # the boundary: no traceback unless asked for
-        import click
-
-        if isinstance(exc, click.ClickException):
+        if _is_usage_error(exc):
             exc.show()
             sys.exit(exc.exit_code)
         if os.environ.get("TINYSR_DEBUG"):

@@ -21,7 +21,7 @@ def upscale_command(
         typer.Option("--output", "-o", help="Output file (one input) or folder. Default: next to each input."),
     ] = None,
     model: Annotated[Optional[str], typer.Option(
-            help="Registry name, owner/name[@revision][/file.safetensors], hf:// URI or local .safetensors "
+            help="Registry name, owner/name\\[@revision]\\[/file.safetensors], hf:// URI or local .safetensors "
             "(default: the configured model, see docs/weights.md).",
             rich_help_panel=_ENGINE,
         )] = None,
