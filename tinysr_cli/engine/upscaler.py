@@ -81,6 +81,8 @@ class Upscaler:
         self.options = options
         self.color_fix = options.color_fix or default_color_fix
         self.model = model.to(self.device, dtype).eval().requires_grad_(False)
+        # Depthwise/pointwise convs run about 2x faster in channels-last layout (measured on CPU).
+        self.model.vae.to(memory_format=torch.channels_last)
         self.downscale = config.vae.downscale
         self.pad_multiple = self.downscale * patch
         self.min_lr_side = config.min_lr_side
@@ -148,10 +150,14 @@ class Upscaler:
         return out[..., :height, :width].clamp_(-1, 1)
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.vae.encode(pixels.to(self.device, self.dtype)).to("cpu", torch.float32)
+        return self._run_vae(self.model.vae.encode, pixels)
 
     def _decode(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.model.vae.decode(latent.to(self.device, self.dtype)).to("cpu", torch.float32)
+        return self._run_vae(self.model.vae.decode, latent)
+
+    def _run_vae(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
+        return fn(x).to("cpu", torch.float32).contiguous()
 
     def _velocity(self, latent: torch.Tensor, progress: ProgressCallback | None) -> torch.Tensor:
         """Backbone velocity over overlapping tiles, blended with normalised Gaussian weights."""
