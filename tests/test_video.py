@@ -382,6 +382,17 @@ def test_subsampled_round_trip_is_close():
         assert error.max() <= 8 / 255, pix_fmt
 
 
+def test_odd_sized_subsampled_video_comes_out_exactly_4x(tmp_path):
+    """4:2:0 with odd sides (FFV1 allows it): chroma covers the last row and column, output even."""
+    src, dst = tmp_path / "odd.mkv", tmp_path / "odd_x4.mkv"
+    make_clip(src, frames=3, size=(33, 25), audio=None, codec="ffv1", pix_fmt="yuv420p")
+    result = upscale_video(src, dst, bicubic_x4)
+    frames = video_frames(dst)
+    assert len(frames) == 3 and {(f.width, f.height) for f in frames} == {(132, 100)} == {(result.width, result.height)}
+    lr = frame_to_rgb(video_frames(src)[0], video._Colour.of(video_frames(src)[0]))
+    assert lr.shape == (3, 25, 33) and np.isfinite(lr).all()
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input, bad settings, interruption
 

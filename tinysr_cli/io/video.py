@@ -470,7 +470,6 @@ class _Source:
             self.rate: Fraction = video.average_rate or video.guessed_rate or Fraction(25)
             self.duration = self._duration()
             self.estimated_frames = round(self.duration * self.rate) if self.duration else None
-            self._side = {s.index for s in self.container.streams if s.index != video.index}
             self._items = self._demux()
             self._pending: list[av.Packet] = []
             self.first_frame = self._first_frame()
@@ -568,7 +567,8 @@ def _batches(source: _Source, batch_size: int, colour: _Colour) -> Iterator[_Bat
 
     def flush() -> _Batch:
         batch = _Batch(np.stack(frames) if frames else None, list(pts), list(durations), list(side), position)
-        frames.clear(), pts.clear(), durations.clear(), side.clear()
+        for gathered in (frames, pts, durations, side):
+            gathered.clear()
         return batch
 
     for item in source.items():
