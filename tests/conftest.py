@@ -32,3 +32,12 @@ def photo(name: str = "astronaut", size: tuple[int, int] | None = None) -> np.nd
     if size is not None:
         image = image[: size[0], : size[1]]
     return np.ascontiguousarray(image)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster than two, and kinder to a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,13 +13,7 @@ from training.prune.space import GATE_MOVES, Group, GroupLayout, dynamic_masks, 
 SD3_LAYOUT = GroupLayout.uniform(24, keep=2, size=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread is faster than two, and kinder to a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_unconstrained_space_counts_c_24_12() -> None:
