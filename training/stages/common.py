@@ -25,6 +25,7 @@ from typing import Protocol
 import torch
 
 from tinysr_cli.errors import TinySRError
+from training.losses import hinge_discriminator_loss, hinge_generator_loss
 from training.stages.recipe import OptimSpec, Recipe, resumable_view, tomllib
 
 CHECKPOINT_DIR = "checkpoints"
@@ -341,3 +342,39 @@ def finite_or_raise(value: float, what: str, step: int) -> float:
     if not math.isfinite(value):
         raise TinySRError(f"the {what} became {value} at step {step}", hint="lower the learning rate or use bf16/fp32")
     return value
+
+
+def image_terms(
+    image: torch.Tensor,
+    target: torch.Tensor,
+    metrics: dict[str, float],
+    *,
+    perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    perceptual_weight: float,
+    discriminator: torch.nn.Module | None,
+    discriminator_params: Sequence[torch.nn.Parameter],
+    gan_weight: float,
+) -> torch.Tensor:
+    """The perceptual and generator-GAN terms on a decoded image (zero when both are off)."""
+    loss = image.new_zeros(())
+    if perceptual is not None:
+        term = perceptual(image, target)
+        loss = loss + perceptual_weight * term
+        metrics["perceptual_loss"] = term.item()
+    if discriminator is not None:
+        set_trainable(discriminator_params, False)  # the generator's step must not train the discriminator
+        term = hinge_generator_loss(discriminator(image))
+        set_trainable(discriminator_params, True)
+        loss = loss + gan_weight * term
+        metrics["generator_loss"] = term.item()
+    return loss
+
+
+def discriminator_step(run: Run, accelerator, discriminator, real: torch.Tensor, fake: torch.Tensor, optimizer, scheduler, params) -> float:
+    """One hinge-loss step of the discriminator on real and (detached) generated images."""
+    with accelerator.autocast():
+        real_logits, fake_logits = discriminator(torch.cat([real, fake.detach()])).chunk(2)
+        loss = hinge_discriminator_loss(real_logits, fake_logits)
+    accelerator.backward(loss)
+    optimizer_step(run, optimizer, scheduler, params)
+    return loss.item()

@@ -19,7 +19,7 @@ import torch
 
 from tinysr_cli.errors import TinySRError
 from training.discriminator import DiscriminatorSpec, build_discriminator
-from training.losses import build_perceptual, hinge_discriminator_loss, hinge_generator_loss, regression_loss
+from training.losses import build_perceptual, regression_loss
 from training.stages.cache import ensure_cache
 from training.stages.common import (
     Reporter,
@@ -27,7 +27,9 @@ from training.stages.common import (
     StageResult,
     StepBatches,
     data_loader,
+    discriminator_step,
     finite_or_raise,
+    image_terms,
     make_optimizer,
     optimizer_step,
     set_trainable,
@@ -149,27 +151,18 @@ def run_restore_stage(recipe: Recipe, output_dir: Path, resume: bool, reporter: 
             if pixel_space:
                 hq = batch["hq"].float() / 255 * 2 - 1
                 image = decoder(restored / scale)
-                if perceptual is not None:
-                    term = perceptual(image, hq)
-                    loss = loss + spec.perceptual_weight * term
-                    metrics["perceptual_loss"] = term.item()
-                if gan_now:
-                    set_trainable(disc_params, False)  # the student's step must not train the discriminator
-                    term = hinge_generator_loss(plain_discriminator(image))
-                    set_trainable(disc_params, True)
-                    loss = loss + spec.gan_weight * term
-                    metrics["generator_loss"] = term.item()
+                loss = loss + image_terms(
+                    image, hq, metrics, perceptual=perceptual, perceptual_weight=spec.perceptual_weight,
+                    discriminator=plain_discriminator if gan_now else None, discriminator_params=disc_params if gan_now else (),
+                    gan_weight=spec.gan_weight,
+                )
         accelerator.backward(loss)
         metrics["grad_norm"] = optimizer_step(run, optimizer, scheduler, trainable)
         metrics["loss"] = finite_or_raise(loss.item(), "loss", index)
         if gan_now:
-            with accelerator.autocast():
-                logits = discriminator(torch.cat([hq, image.detach()]))
-                real, fake = logits.chunk(2)
-                disc_loss = hinge_discriminator_loss(real, fake)
-            accelerator.backward(disc_loss)
-            optimizer_step(run, disc_opt, disc_sched, disc_params)
-            metrics["discriminator_loss"] = disc_loss.item()
+            metrics["discriminator_loss"] = discriminator_step(
+                run, accelerator, discriminator, hq, image, disc_opt, disc_sched, disc_params
+            )
         return metrics
 
     loader = data_loader(cache, batches, run.spec.num_workers)
