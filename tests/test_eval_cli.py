@@ -260,3 +260,11 @@ def test_dataset_with_model_upscales_then_scores(tmp_path, tiny_weights, monkeyp
     assert json.loads(temporary.stdout)["images"] == report["images"]
     assert json.loads(temporary.stdout)["pred"] is None
     assert os.listdir(scratch) == []  # the temporary folder is gone
+
+
+def test_help_names_the_extra_and_the_layouts():
+    result = invoke("eval", "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.replace("│", " ").split())
+    assert 'pip install "tinysr[metrics]"' in text  # brackets survive Rich markup
+    assert "test_LR/ and test_HR/ (or LR/ and HR/)" in text

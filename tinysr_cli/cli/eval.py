@@ -50,7 +50,7 @@ def eval_command(
     metrics: Annotated[Optional[list[str]], typer.Option(
         "--metrics", "-m",
         help="psnr, ssim (the default), lpips, dists, fid, niqe, musiq, maniqa, clipiqa, topiq, qalign or all; "
-        'comma-separated or repeated. All but psnr and ssim need pyiqa (pip install "tinysr[metrics]").',
+        'comma-separated or repeated. All but psnr and ssim need pyiqa (pip install "tinysr\\[metrics]").',
         rich_help_panel=_SCORING,
     )] = None,
     convention: Annotated[str, typer.Option(
