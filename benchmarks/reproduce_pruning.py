@@ -6,7 +6,7 @@ halves its depth (2 of every 4 blocks kept); every pruned student (``training.st
 recovered with the same LoRA budget; all are scored by PSNR/SSIM on held-out photos.
 
 Usage:
-    python benchmarks/reproduce_pruning.py --out /tmp/tinysr-repro                # ~30-40 min, 2 CPU threads
+    python benchmarks/reproduce_pruning.py --out /tmp/tinysr-repro                # ~20 min on 2 busy CPU threads
     python benchmarks/reproduce_pruning.py --preset smoke --out /tmp/repro-smoke  # a minute, plumbing only
     python benchmarks/reproduce_pruning.py --preset gpu --device cuda --out runs/repro
 
@@ -82,7 +82,7 @@ class Size:
 
 PRESETS = {
     "smoke": Size(32, 32, 4, 32, 8, 4, 3, 3, 4, 1, 4),
-    "cpu": Size(96, 64, 4, 512, 16, 400, 100, 200, 16, 4, 100),
+    "cpu": Size(64, 64, 4, 256, 8, 150, 40, 60, 16, 4, 50),
     "gpu": Size(384, 128, 4, 16384, 32, 6000, 3000, 3000, 64, 16, 100),
 }
 
@@ -171,7 +171,9 @@ def encoded_pool(source: SyntheticPairs, teacher: PixelUnshuffleTeacher, count: 
     return torch.cat(lqs), torch.cat(hqs)
 
 
-def train_teacher(size: Size, source: SyntheticPairs, folder: Path, seed: int, device: torch.device) -> TeacherSpec:
+def train_teacher(
+    size: Size, source: SyntheticPairs, folder: Path, seed: int, lr: float, device: torch.device
+) -> TeacherSpec:
     """Train the SD3-style teacher (z_lq -> z_hq, one step at t = 1000) and save it in TSD-SR's layout."""
     spec = TeacherSpec(
         sd3=folder / "sd3", prompt_embeds=folder / "prompt_embeds.pt", pooled_embeds=folder / "pool_embeds.pt", dtype="fp32"
@@ -190,8 +192,8 @@ def train_teacher(size: Size, source: SyntheticPairs, folder: Path, seed: int, d
     pooled = torch.randn(1, config["pooled_projection_dim"])
     teacher = PixelUnshuffleTeacher(transformer, prompt, pooled, size.unshuffle).to(device)
     z_lq, z_hq = encoded_pool(source, teacher, size.samples)
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=5e-4, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=5e-4, total_steps=size.teacher_steps, pct_start=0.05)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=size.teacher_steps, pct_start=0.05)
     generator = torch.Generator().manual_seed(derive_seed(seed, "teacher-batches"))
     transformer.train()
     start = time.perf_counter()
@@ -413,6 +415,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--teacher-lr", type=float, default=5e-4, help="peak learning rate of the teacher (one-cycle)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     for field in dataclasses.fields(Size):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=int, help=f"override the preset's {field.name}")
@@ -430,7 +433,7 @@ def main() -> None:
     source = SyntheticPairs(HRCrops([out / "photos" / "train"], size.crop, args.seed), MILD)
     log(f"{len(train)} training photos, {len(held_out)} held out")
 
-    spec = train_teacher(size, source, out / "teacher", args.seed, device)
+    spec = train_teacher(size, source, out / "teacher", args.seed, args.teacher_lr, device)
     log("teacher ready")
     cache = build_cache(size, spec, source, out / "cache", device)
     log(f"latent cache ready: {cache} ({len(LatentCache(cache, ('z_lq',)))} samples)")
@@ -487,6 +490,7 @@ def write_results(out: Path, args: argparse.Namespace, size: Size, rows: list[di
         "size": dataclasses.asdict(size),
         "device": args.device,
         "threads": args.threads,
+        "teacher_lr": args.teacher_lr,
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs".strip(),
         "torch": torch.__version__,
         "train_photos": list(TRAIN_PHOTOS),
