@@ -11,31 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tinysr_cli.errors import TinySRError
+from training.recipe_io import RecipeError, read_toml
 from training.prune.search import Objective, SearchSettings
 from training.prune.space import GroupLayout, ratio_preset
 from training.prune.teachers import TEACHER_KINDS, TinyTeacherSpec
 from training.teacher import TeacherSpec
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 LEARNED_METHODS = ("tinysr", "tinyfusion")
 HEURISTIC_METHODS = ("random_min", "shortgpt", "flux_lite", "sensitivity", "snapfusion", "bk_sdm")
 METHODS = LEARNED_METHODS + HEURISTIC_METHODS
 DATA_KINDS = ("synthetic", "cache")
 TEACHER_DTYPES = ("fp16", "bf16", "fp32")  # the run dtype on accelerators; the CPU always runs fp32
-
-
-class RecipeError(TinySRError):
-    """The recipe file is missing, unreadable or has a wrong value."""
 
 
 @dataclass(frozen=True)
@@ -205,12 +196,7 @@ def _data(table: dict[str, Any], base: Path) -> DataSpec:
 
 def load_recipe(path: Path) -> PruneRecipe:
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise RecipeError(f"cannot read the recipe {path}: {error.strerror or error}") from None
-    except tomllib.TOMLDecodeError as error:
-        raise RecipeError(f"{path} is not valid TOML: {error}") from None
+    raw = read_toml(path)
     raw = json.loads(json.dumps(raw, default=str))  # JSON-safe: stored in checkpoints and the decision
     data = {key: (dict(value) if isinstance(value, dict) else value) for key, value in raw.items()}
     base = path.resolve().parent

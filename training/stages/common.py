@@ -26,7 +26,8 @@ import torch
 
 from tinysr_cli.errors import TinySRError
 from training.losses import hinge_discriminator_loss, hinge_generator_loss
-from training.stages.recipe import OptimSpec, Recipe, resumable_view, tomllib
+from training.recipe_io import tomllib
+from training.stages.recipe import OptimSpec, Recipe, resumable_view
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "step-"

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tinysr_cli.errors import TinySRError
+from training.recipe_io import RecipeError, read_toml
 from tinysr_cli.models.vae import VAEConfig
 from tinysr_cli.weights.format import COLOR_FIXES
 from training.discriminator import DISCRIMINATORS, DiscriminatorSpec
@@ -25,20 +24,12 @@ from training.losses import PERCEPTUAL_LOSSES, REGRESSION_LOSSES
 from training.student import DEFAULT_LORA_TARGETS, LoraSpec
 from training.teacher import TeacherSpec
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 STAGES = ("cache", "vae", "restore", "export")
 PRECISIONS = ("fp16", "bf16", "no")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 # [run] keys that may change between a run and its resumption.
 OPERATIONAL_RUN_KEYS = ("output_dir", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers")
-
-
-class RecipeError(TinySRError):
-    """The recipe file is missing, unreadable or has a wrong value."""
 
 
 @dataclass(frozen=True)
@@ -378,12 +369,7 @@ def _export(table: _Table) -> ExportSpec:
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise RecipeError(f"cannot read the recipe {path}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"{path} is not valid TOML: {exc}") from None
+    raw = read_toml(path)
     top = _Table(raw, path.name, path.resolve().parent)
     stage = top.value("stage", None, str)
     parsers = {
