@@ -15,7 +15,7 @@ import typer
 
 from tinysr_cli.cli import console
 
-STAGES = ("prune", "cache", "vae", "restore", "export")
+STAGES = ("prune", "cache", "vae", "restore", "export", "distill")
 
 
 class _RichReporter:
@@ -50,7 +50,7 @@ def _run_prune(config: Path, output: Optional[Path], resume: bool, reporter) -> 
 
 
 def train_command(
-    stage: Annotated[str, typer.Option(help="prune, cache, vae, restore or export.", show_default=False)],
+    stage: Annotated[str, typer.Option(help="prune, cache, vae, restore, export, or distill (a small model from a pixel-space teacher, data to weights file).", show_default=False)],
     config: Annotated[Path, typer.Option("--config", "-c", help="The recipe (TOML), e.g. training/recipes/vae.toml.", show_default=False)],
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the output folder from its newest checkpoint.")] = False,
     output: Annotated[
