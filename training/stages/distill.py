@@ -214,7 +214,8 @@ def build_pairs(folder: Path, files: list[Path], teacher: Teacher, count: int, d
 
     crops = _crops_of(files, data)
     source = SyntheticPairs(crops, dataclasses.replace(PRESETS[data.degradation], scale=UPSCALE))
-    identity = {"source": source.identity(), "teacher": teacher.identity, "count": count, **identity_extra}
+    # Pair g depends on the seed and g only, so shards are shared by recipes that differ in ``count``.
+    identity = {"source": source.identity(), "teacher": teacher.identity, "shard": SHARD, **identity_extra}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     shard_dir = folder / key
     shard_dir.mkdir(parents=True, exist_ok=True)
