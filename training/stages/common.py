@@ -157,6 +157,16 @@ class MetricsLog:
         new_file = not self.path.exists()
         if self.columns is None:
             self.columns = sorted(means)
+        elif not set(means) <= set(self.columns):
+            # A metric that starts later (a new phase, validation): widen the file, old rows blank there.
+            self.columns = sorted(set(self.columns) | set(means))
+            if not new_file:
+                with open(self.path, newline="") as handle:
+                    rows = list(csv.DictReader(handle))
+                with open(self.path, "w", newline="") as handle:
+                    writer = csv.DictWriter(handle, fieldnames=["step", *self.columns], restval="")
+                    writer.writeheader()
+                    writer.writerows(rows)
         with open(self.path, "a", newline="") as handle:
             writer = csv.writer(handle)
             if new_file:
