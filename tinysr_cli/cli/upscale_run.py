@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tinysr_cli.cli import console
 from tinysr_cli.engine.device import resolve_device, resolve_precision
+from tinysr_cli.engine.pixel import PixelUpscaler, load_pixel_upscaler
 from tinysr_cli.engine.upscaler import UpscaleOptions, Upscaler, available_memory
 from tinysr_cli.errors import TinySRError
 from tinysr_cli.io import video
@@ -90,9 +91,12 @@ def plan_inputs(inputs: list[str], output: Path | None, *, video_only: bool, ima
     return Plan(kept, plan.skipped + dropped)
 
 
-def load_upscaler(options: BatchOptions) -> Upscaler:
+def load_upscaler(options: BatchOptions) -> Upscaler | PixelUpscaler:
     device = resolve_device(options.device)
     dtype = resolve_precision(options.precision, device)
+    pixel = load_pixel_upscaler(options.model, device, dtype, tile=options.engine.tile * 8)
+    if pixel is not None:
+        return pixel
     model, info = load_weights(resolve_model(options.model, progress=not options.quiet))
     return Upscaler(model, device=device, dtype=dtype, options=options.engine, default_color_fix=info.color_fix)
 
