@@ -6,6 +6,7 @@ import base64
 import html
 import io
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -14,10 +15,9 @@ import torch.nn.functional as F
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli_helpers import run_cli
 from conftest import photo
 from tinysr_cli import metrics, report
-from tinysr_cli.cli.main import app
+from tinysr_cli.cli.main import app, main
 
 SIZE = (96, 128)  # HR (height, width); LR is 24 x 32
 CROP = 32
@@ -212,8 +212,20 @@ def test_usage_errors(folders, tmp_path):
     assert not (tmp_path / "x.html").exists()
 
 
-def test_a_missing_folder_is_one_line(folders, tmp_path):
-    result = run_cli("compare", "--gt", folders["gt"], "--pred", f"ours={tmp_path / 'nowhere'}", "-o", tmp_path / "x.html")
-    assert result.returncode == 1
-    assert result.stderr.strip() == f"Error: {tmp_path / 'nowhere'}: no such file or folder (--pred ours)"
+def test_a_missing_folder_is_one_line(folders, tmp_path, monkeypatch, capsys):
+    # The real entry point and its error boundary, in-process (a subprocess spends seconds importing torch).
+    args = ["compare", "--gt", folders["gt"], "--pred", f"ours={tmp_path / 'nowhere'}", "-o", tmp_path / "x.html"]
+    monkeypatch.setattr(sys, "argv", ["tinysr", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.strip() == f"Error: {tmp_path / 'nowhere'}: no such file or folder (--pred ours)"
     assert not (tmp_path / "x.html").exists()
+
+
+def test_single_files_pair_whatever_their_names(folders, tmp_path):
+    out = tmp_path / "page.html"
+    result = invoke("compare", "--gt", folders["gt"] / "coffee.png", "--lr", folders["lr"] / "coffee.png",
+                    "--pred", f"ours={folders['bicubic'] / 'coffee.png'}", "--crops", 1, "--crop-size", CROP, "-o", out, "-q")
+    assert result.exit_code == 0, result.stderr
+    assert [(n, c) for n, _, c, *_ in IMG.findall(out.read_text())] == [("coffee", "LR"), ("coffee", "ours"), ("coffee", "GT")]

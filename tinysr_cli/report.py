@@ -13,6 +13,7 @@ import base64
 import html
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,7 @@ def build_comparison(
     convention: str = "basicsr",
     crop_border: int | None = None,
     learned: dict[str, Any] | None = None,
-    on_error: Any = None,
+    on_error: Callable[[str], None] | None = None,
 ) -> Comparison:
     """Pair the folders (or single files) by stem and compare every image found in all of them.
 
@@ -166,12 +167,13 @@ def build_comparison(
 def _pair_sources(sources: list[tuple[str, Path]], comparison: Comparison) -> dict[str, dict[str, Path] | str]:
     """name -> {column label: file}, for the names found in every source; an error string when ambiguous.
 
-    Single files always pair with each other, whatever their names.
+    Single files always pair with each other, whatever their names; the ground truth's names the image.
     """
     from tinysr_cli.cli.eval import _images_by_name, _Pairing
 
     if all(path.is_file() for _, path in sources):
-        return {sources[0][1].stem: {label: path for label, path in sources}}
+        reference = dict(sources).get(GT_LABEL, sources[0][1])
+        return {reference.stem: {label: path for label, path in sources}}
     skipped = _Pairing()
     found = {label: _images_by_name(path, "", skipped) for label, path in sources}
     comparison.left_out.extend(f"{path}: not an image" for path in skipped.not_images)

@@ -6,12 +6,18 @@ writes the page and sets the exit code (1 when any image could not be compared).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from tinysr_cli.cli import console
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from tinysr_cli import report
 
 _INPUTS = "Inputs"
 _CROPS = "Crops"
@@ -97,7 +103,7 @@ def compare_command(
         raise typer.Exit(1)
 
 
-def parse_methods(values: list[str], reserved: list[str] = ()) -> list[tuple[str, Path]]:
+def parse_methods(values: list[str], reserved: Sequence[str] = ()) -> list[tuple[str, Path]]:
     """``NAME=DIR`` options -> [(name, path)]; a usage error naming --pred for anything else."""
     methods: list[tuple[str, Path]] = []
     for value in values:
@@ -123,11 +129,11 @@ def _write(path: Path, text: str) -> None:
         raise TinySRError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
-def _table(comparison):
-    from rich.table import Table
-
+def _table(comparison: report.Comparison) -> Table:
     from tinysr_cli import metrics as m
     from tinysr_cli.report import format_score
+
+    from rich.table import Table
 
     table = Table(title=f"mean over {len(comparison.images)} image(s); {comparison.description}")
     table.add_column("method")
