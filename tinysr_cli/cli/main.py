@@ -45,12 +45,13 @@ def _root(
 
 
 def _register() -> None:
-    from tinysr_cli.cli import bench, eval, hub, info, official, train, upscale, weights
+    from tinysr_cli.cli import bench, compare, eval, hub, info, official, train, upscale, weights
 
     app.command("upscale", no_args_is_help=True)(upscale.upscale_command)
     app.command("train", no_args_is_help=True)(train.train_command)
     app.command("bench")(bench.bench_command)
     app.command("eval")(eval.eval_command)
+    app.command("compare", no_args_is_help=True)(compare.compare_command)
     app.command("info")(info.info_command)
     weights_app.command("init")(weights.init_command)
     weights_app.command("info")(weights.info_command)
