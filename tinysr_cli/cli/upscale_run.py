@@ -34,7 +34,7 @@ from tinysr_cli.io.images import (
 )
 from tinysr_cli.io.paths import Job, Plan, plan_jobs
 from tinysr_cli.models.tinysr import UPSCALE
-from tinysr_cli.weights.format import load_weights
+from tinysr_cli.weights.format import RANDOM_INIT_WARNING, load_weights
 from tinysr_cli.weights.hub import resolve_model
 
 
@@ -98,6 +98,8 @@ def load_upscaler(options: BatchOptions) -> Upscaler | PixelUpscaler:
     if pixel is not None:
         return pixel
     model, info = load_weights(resolve_model(options.model, progress=not options.quiet))
+    if info.random_init:
+        console.warn(RANDOM_INIT_WARNING.format(path=info.path))
     return Upscaler(model, device=device, dtype=dtype, options=options.engine, default_color_fix=info.color_fix)
 
 
