@@ -154,10 +154,10 @@ def find_in_folder(source: Source, folder: Path) -> bytes | None:
     for path in sorted(folder.rglob(source.filename)):
         if path.as_posix().endswith(source.member):
             return _checked(source, path.read_bytes(), str(path))
-    stem = f"{source.package.replace('-', '_')}-{source.version}"
+    stem = f"{source.package}_{source.version}".replace("-", "_").lower()
     for archive in sorted(folder.rglob("*")):
         name = archive.name.lower().replace("-", "_")
-        if archive.is_file() and name.startswith(stem.lower()) and name.endswith((".whl", ".tar.gz", ".zip")):
+        if archive.is_file() and name.startswith(stem) and name.endswith((".whl", ".tar.gz", ".zip")):
             data = read_from_archive(archive, source)
             if data is not None:
                 return data
