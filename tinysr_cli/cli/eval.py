@@ -52,7 +52,7 @@ def eval_command(
         "--metrics", "-m",
         help="psnr, ssim (the default), lpips, lpips-vgg, dists, fid, niqe, musiq, maniqa, clipiqa, topiq, qalign or "
         "all; comma-separated or repeated. lpips, lpips-vgg, dists and niqe work offline once `tinysr metrics fetch` "
-        'has run; the others need pyiqa (pip install "tinysr\\[metrics]" pyiqa).',
+        'has run; the others need pyiqa (pip install "tinysr\\[metrics]").',
         rich_help_panel=_SCORING,
     )] = None,
     convention: Annotated[str, typer.Option(
