@@ -20,8 +20,8 @@ def bench_command(
     batch_size: Annotated[int, typer.Option(help="Our engine's tiles per pass; 0 = automatic.")] = 0,
     official: Annotated[bool, typer.Option(help="Also time the official-style pipeline.")] = True,
     tsdsr: Annotated[bool, typer.Option(help="Also time the TSD-SR architecture (2.1 B params, slow on CPU).")] = True,
-    span: Annotated[bool, typer.Option(help="Also time SPAN x4 (426 k params; needs tinysr[peers]).")] = False,
-    realesrgan: Annotated[bool, typer.Option(help="Also time Real-ESRGAN x4plus (16.7 M params; needs tinysr[peers]).")] = False,
+    span: Annotated[bool, typer.Option(help="Also time SPAN x4 (426 k params; needs tinysr\\[peers]).")] = False,
+    realesrgan: Annotated[bool, typer.Option(help="Also time Real-ESRGAN x4plus (16.7 M params; needs tinysr\\[peers]).")] = False,
     compile_model: Annotated[bool, typer.Option("--compile", help="Also time our engine with torch.compile.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
