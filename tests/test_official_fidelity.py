@@ -6,17 +6,21 @@ run time, PEFT LoRA unmerged, separable AutoencoderTiny, official tiling and col
 ``tinysr weights import-official`` + tinysr's engine (LoRA merged, modulation folded, q/k/v fused,
 tiles batched). On real photos we assert:
 
-- the restored latent (what the decoder receives) within 1e-4 in float32;
+- the restored latent (what the decoder receives) within 5e-6 in float32 on the small configs
+  (measured 2.1e-6 to 3.4e-6) and within 1e-5 on the full-size release (measured 5.2e-6 to 5.6e-6:
+  12 blocks of float32 reassociation from the fused q/k/v, merged LoRA and folded modulation);
 - 8-bit images within 1 level when the reference keeps float until one final rounding, as tinysr
   does on purpose (``official_quantisation=False``: the reference then also takes torch's bicubic
-  LR for the wavelet fix);
+  LR for the wavelet fix); measured: exactly 1 level at the worst pixel, on every config;
 - with the official 8-bit steps (truncate the decoded image, colour-fix that, truncate again; PIL's
   bicubic LR for the wavelet fix) within the bound those steps imply: a truncation moves a pixel
   by less than one level, AdaIN multiplies that by its gain g = std(LR)/std(SR) per channel and
   the final truncation-vs-rounding adds at most one more, so ``ceil(g) + 1`` levels; for the
   wavelet fix the high-passed truncation error stays below one level, to which the low-pass
   difference between PIL's and torch's bicubic LR and one level of final rounding are added;
-  without a colour fix, one truncation against one rounding: 1 level.
+  without a colour fix, one truncation against one rounding: 1 level. Measured against the official
+  8-bit steps: 2 levels on the small configs (1 without a colour fix), 4 on the full-size release,
+  asserted as well so that a drift inside the derived bound is noticed.
 
 Sizes are those where the official script neither resizes nor crops: LR short side >= 128 and
 sides that are multiples of 4 (tinysr pads to a multiple of 16 output pixels instead).
@@ -40,7 +44,8 @@ from tinysr_cli.io.images import to_uint8
 from tinysr_cli.weights.format import load_weights
 from tinysr_cli.weights.official import convert_release, import_release
 
-LATENT_TOLERANCE = 1e-4
+LATENT_TOLERANCE = 5e-6  # small configs, measured <= 3.4e-6
+FULL_SIZE_LATENT_TOLERANCE = 1e-5  # measured 5.2e-6 to 5.6e-6
 
 # The paper's VAE variant (separable encoder, plain decoder) and a LoRA whose alpha is not its rank,
 # declared the PEFT way in adapter_config.json.
@@ -93,7 +98,16 @@ def _official_bound(sr: torch.Tensor, lr: np.ndarray, color_fix: str) -> int:
     return math.ceil(1 + low_pass_gap) + 1
 
 
-def _compare(models, ours_model, lr: np.ndarray, color_fix: str, batch_size: int = 1) -> dict:
+def _compare(
+    models,
+    ours_model,
+    lr: np.ndarray,
+    color_fix: str,
+    batch_size: int = 1,
+    *,
+    latent_tolerance: float = LATENT_TOLERANCE,
+    max_official_levels: int = 2,
+) -> dict:
     sr, latent = ref.official_restore(models, lr)
     image, our_latent = _ours(ours_model, lr, color_fix, batch_size)
     assert image.shape == (4 * lr.shape[0], 4 * lr.shape[1], 3)
@@ -106,9 +120,10 @@ def _compare(models, ours_model, lr: np.ndarray, color_fix: str, batch_size: int
         "official_bound": _official_bound(sr, lr, color_fix),
     }
     print(f"\n{lr.shape[:2]} {color_fix}: {measured}")
-    assert measured["latent"] <= LATENT_TOLERANCE, measured
+    assert measured["latent"] <= latent_tolerance, measured
     assert measured["levels_float"] <= 1, measured
     assert measured["levels_official"] <= measured["official_bound"], measured
+    assert measured["levels_official"] <= max_official_levels, measured
     return measured
 
 
@@ -145,4 +160,6 @@ def test_full_size_release_matches_on_one_512x512_output(tmp_path):
     assert provenance["lora"] == {"rank": 64, "alpha": 64.0, "scale": 1.0, "modules": 90, "merged": True}
     assert sum(p.numel() for p in model.transformer.parameters()) == pytest.approx(340e6, rel=0.01)
     models = ref.load_reference(root, ref.FULL_SPEC)
-    _compare(models, model, photo("astronaut", (128, 128)), "adain")
+    _compare(
+        models, model, photo("astronaut", (128, 128)), "adain", latent_tolerance=FULL_SIZE_LATENT_TOLERANCE, max_official_levels=4
+    )

@@ -195,6 +195,30 @@ def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(worksp
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_resume_is_exact_in_mixed_precision(workspace, precision):
+    """The fp32 resume test above, with autocast on: bf16 runs on the CPU; fp16 needs CUDA, and then the
+    GradScaler's state (scale, growth tracker) must come back from the checkpoint too."""
+    from safetensors.torch import load_file
+
+    if precision == "fp16" and not torch.cuda.is_available():
+        pytest.skip("fp16 autocast with a GradScaler needs CUDA (on the CPU the recipe falls back to float32)")
+    recipe = "vae-tiny"
+    path = _variant(workspace, recipe, f"{recipe}-{precision}", {'mixed_precision = "no"': f'mixed_precision = "{precision}"'})
+    straight = run_stage("vae", path, output=workspace / f"straight-{precision}")
+    stopped = run_stage("vae", path, output=workspace / f"stopped-{precision}", stop_at_step=2)
+    assert not stopped.finished and stopped.step == 2
+    if precision == "fp16":
+        checkpoint = workspace / f"stopped-{precision}" / "checkpoints" / "step-2"
+        assert (checkpoint / "scaler.pt").is_file(), sorted(p.name for p in checkpoint.iterdir())
+    resumed = run_stage("vae", path, output=workspace / f"stopped-{precision}", resume=True)
+    assert resumed.finished
+    rows_straight = read_metrics(workspace / f"straight-{precision}" / "metrics.csv")
+    assert rows_straight and read_metrics(workspace / f"stopped-{precision}" / "metrics.csv") == rows_straight
+    a, b = load_file(straight.output), load_file(resumed.output)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_run_folders_are_protected(workspace, pipeline):
     recipe = workspace / "restore-stage1-tiny.toml"
     with pytest.raises(TinySRError, match="already holds a run"):
