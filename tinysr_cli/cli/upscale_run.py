@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from tinysr_cli.cli import console
@@ -68,9 +70,22 @@ def input_kind(path: Path) -> str | None:
     return None
 
 
+def _audio_only(path: Path) -> bool:
+    """A container PyAV opens that holds audio but no moving picture (a podcast saved as .mp4)."""
+    if video.av is None or not path.is_file():
+        return False
+    try:
+        container = video.av.open(str(path), metadata_errors="ignore")
+    except (video.av.FFmpegError, OSError, ValueError):
+        return False
+    with container:
+        return video._main_video_stream(container) is None and any(s.type == "audio" for s in container.streams)
+
+
 def plan_inputs(inputs: list[str], output: Path | None, *, video_only: bool, images_only: bool, **naming) -> Plan:
     """`plan_jobs` for images and videos (videos keep a container we write); the filters apply to
-    every input, named ones too (a shell glob arrives as names)."""
+    every input, named ones too (a shell glob arrives as names). Our own earlier outputs found by
+    a scan are left out; containers with audio but no picture are skipped with a note."""
     if video_only and images_only:
         raise TinySRError("--video-only and --images-only exclude each other")
     wanted = {"video"} if video_only else {"image"} if images_only else {"image", "video"}
@@ -81,13 +96,19 @@ def plan_inputs(inputs: list[str], output: Path | None, *, video_only: bool, ima
         accept=lambda path: input_kind(path) in wanted,
         suffix_for=lambda path: video.output_suffix(path) if input_kind(path) == "video" else None,
         skip_note=note,
+        exclude_products=True,
         **naming,
     )
-    if not (video_only or images_only):
-        return plan
-    kept = [job for job in plan.jobs if input_kind(job.source) in wanted]
-    dropped = [(job.source, note) for job in plan.jobs if input_kind(job.source) not in wanted]
-    return Plan(kept, plan.skipped + dropped)
+    kept, dropped = [], list(plan.skipped)
+    for job in plan.jobs:
+        kind = input_kind(job.source)
+        if kind not in wanted:
+            dropped.append((job.source, note))
+        elif kind == "video" and _audio_only(job.source):
+            dropped.append((job.source, "audio only, no video stream"))
+        else:
+            kept.append(job)
+    return Plan(kept, dropped, plan.failed)
 
 
 def load_upscaler(options: BatchOptions) -> Upscaler:
@@ -152,12 +173,23 @@ def check_memory(job: Job, info: ImageInfo, upscaler: Upscaler, animated: bool) 
         )
 
 
-def _claim_output(job: Job, output: Path, options: BatchOptions) -> bool:
-    """Whether ``output`` (``job.output`` or its format switch) may be written; never the input itself."""
+def _input_conflict(job: Job, output: Path, inputs: frozenset[Path]) -> str | None:
+    """The message if ``output`` is this job's input or any other input of the run, else None."""
+    key = output.resolve()
+    if key == job.source.resolve():
+        return f"{job.source}: the output path is the input file"
+    if key in inputs:
+        return f"{job.source}: the output {output} is an input of this run"
+    return None
+
+
+def _claim_output(job: Job, output: Path, options: BatchOptions, inputs: frozenset[Path] = frozenset()) -> bool:
+    """Whether ``output`` (``job.output`` or its format switch) may be written; never an input of the run."""
     if output == job.output:
         return True
-    if output.resolve() == job.source.resolve():
-        raise TinySRError(f"{job.source}: the output path is the input file (after switching to {output.suffix})")
+    conflict = _input_conflict(job, output, inputs | {job.source.resolve()})
+    if conflict:
+        raise TinySRError(f"{conflict} (after switching to {output.suffix})")
     if output.exists() and not options.overwrite:
         if not options.quiet:
             console.note(f"skipped {job.source}: {output} exists (use --overwrite)")
@@ -165,7 +197,9 @@ def _claim_output(job: Job, output: Path, options: BatchOptions) -> bool:
     return True
 
 
-def process_image(upscaler: Upscaler, job: Job, options: BatchOptions, progress) -> Path | None:
+def process_image(
+    upscaler: Upscaler, job: Job, options: BatchOptions, progress, inputs: frozenset[Path] = frozenset()
+) -> Path | None:
     """Upscale one file; returns the path written (its format may have switched), None if skipped."""
     info = probe_image(job.source, max_pixels=options.max_pixels)
     animated = info.frames > 1 and job.source.suffix.lower() in ANIMATION_SUFFIXES
@@ -186,7 +220,7 @@ def process_image(upscaler: Upscaler, job: Job, options: BatchOptions, progress)
         frames, metadata = [image], image.metadata
         if info.frames > 1:
             warnings.append(f"{job.source.name}: only the first of its {info.frames} pages is upscaled")
-    if not _claim_output(job, output, options):
+    if not _claim_output(job, output, options, inputs):
         return None
     metadata = {} if options.strip_metadata else metadata
     size = final_size(*frames[0].size, options)
@@ -230,13 +264,14 @@ def process_video(upscaler: Upscaler, job: Job, options: BatchOptions, bar: Prog
             batch_size=1 if upscaler.device.type == "cpu" else video.DEFAULT_BATCH_SIZE,
             progress=on_progress,
         )
-    except TinySRError:
+    except (TinySRError, KeyboardInterrupt):
         partial = video.partial_path(job.output)
         if options.keep_partial and partial.exists() and not options.quiet:
             console.note(f"kept the part written so far in {partial}")
         raise
     finally:
         bar.remove_task(task)
+    video.partial_path(job.output).unlink(missing_ok=True)  # an older run's part: the whole video is here now
     if not options.quiet:
         for note in result.notes:
             console.note(f"{job.source.name}: {note}")
@@ -244,19 +279,28 @@ def process_video(upscaler: Upscaler, job: Job, options: BatchOptions, bar: Prog
 
 
 def run_batch(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
-    """Process every job; returns the failures as (input, message). Results go to stdout."""
+    """Process every job; returns the failures as (input, message). Results go to stdout.
+
+    Ctrl-C (and SIGTERM/SIGHUP, turned into KeyboardInterrupt by the CLI) stops the batch with a
+    line saying how far it got and the partial summary, then exits 128 + the signal number.
+    """
     failures: list[tuple[Path, str]] = []
     done = skipped = 0
     if not options.quiet:
         for path, reason in plan.skipped:
             console.note(f"skipped {path}: {reason}")
+    for path, message in plan.failed:
+        failures.append((path, message))
+        console.error(message)
+    inputs = frozenset(job.source.resolve() for job in plan.jobs)
     pending = []
     claimed: dict[Path, Path] = {}
     for job in plan.jobs:
         key = job.output.resolve()
-        if key == job.source.resolve():
-            failures.append((job.source, f"{job.source}: the output path is the input file"))
-            console.error(failures[-1][1])
+        conflict = _input_conflict(job, job.output, inputs)
+        if conflict:
+            failures.append((job.source, conflict))
+            console.error(conflict)
         elif key in claimed:
             failures.append((job.source, f"{job.source}: output {job.output} is also the output of {claimed[key]}"))
             console.error(failures[-1][1])
@@ -267,49 +311,77 @@ def run_batch(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
         else:
             claimed[key] = job.source
             pending.append(job)
+    if not plan.jobs and not plan.failed:
+        raise TinySRError("nothing to upscale: no image or video among the inputs")
 
-    upscaler = load_upscaler(options) if pending else None
-    columns = [
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=console.stderr, disable=options.quiet, transient=True) as bar:
-        files_task = bar.add_task("files", total=len(pending))
-        tiles_task = bar.add_task("tiles", total=None)
+    def summary() -> None:
+        if not options.quiet or failures:
+            console.note(f"{done} upscaled, {skipped} skipped, {len(failures)} failed")
+        for path, _ in failures:
+            console.note(f"  failed: {path}")
 
-        def on_progress(stage: str, current: int, total: int) -> None:
-            bar.update(tiles_task, completed=current, total=total)
+    started_jobs = 0
+    try:
+        upscaler = _load(options) if pending else None
+        columns = [
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        ]
+        with Progress(*columns, console=console.stderr, disable=options.quiet, transient=True) as bar:
+            files_task = bar.add_task("files", total=len(pending))
+            tiles_task = bar.add_task("tiles", total=None)
 
-        for job in pending:
-            bar.update(files_task, description=f"files ({job.source.name})")
-            started = time.perf_counter()
-            try:
-                if input_kind(job.source) == "video":
-                    written = process_video(upscaler, job, options, bar)
+            def on_progress(stage: str, current: int, total: int) -> None:
+                bar.update(tiles_task, completed=current, total=total)
+
+            for job in pending:
+                bar.update(files_task, description=f"files ({job.source.name})")
+                started = time.perf_counter()
+                started_jobs += 1
+                try:
+                    if input_kind(job.source) == "video":
+                        written = process_video(upscaler, job, options, bar)
+                    else:
+                        written = process_image(upscaler, job, options, on_progress, inputs)
+                except TinySRError as exc:
+                    failures.append((job.source, str(exc)))
+                    console.error(str(exc), hint=exc.hint)
+                except Exception as exc:  # one bad file never stops the batch
+                    message = f"{job.source}: {type(exc).__name__}: {exc}"
+                    failures.append((job.source, message))
+                    console.error(message)
                 else:
-                    written = process_image(upscaler, job, options, on_progress)
-            except TinySRError as exc:
-                failures.append((job.source, str(exc)))
-                console.error(str(exc), hint=exc.hint)
-            except (OSError, ValueError, RuntimeError, MemoryError) as exc:
-                message = f"{job.source}: {type(exc).__name__}: {exc}"
-                failures.append((job.source, message))
-                console.error(message)
-            else:
-                if written is None:
-                    skipped += 1
-                else:
-                    done += 1
-                    console.stdout.print(str(written), markup=False)
-                    if not options.quiet:
-                        console.note(f"{job.source} -> {written} ({time.perf_counter() - started:.1f} s)")
-            bar.advance(files_task)
+                    if written is None:
+                        skipped += 1
+                    else:
+                        done += 1
+                        console.stdout.print(str(written), markup=False)
+                        if not options.quiet:
+                            console.note(f"{job.source} -> {written} ({time.perf_counter() - started:.1f} s)")
+                bar.advance(files_task)
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        left = len(pending) - started_jobs + 1 if started_jobs else len(pending)
+        console.stderr.print()
+        console.note(f"interrupted: {done} done, {left} left; run the same command to resume")
+        summary()
+        raise typer.Exit(128 + int(signum)) from None
 
-    if not options.quiet or failures:
-        console.note(f"{done} upscaled, {skipped} skipped, {len(failures)} failed")
-    for path, _ in failures:
-        console.note(f"  failed: {path}")
+    summary()
     return failures
+
+
+def _load(options: BatchOptions) -> Upscaler:
+    """``load_upscaler``, with the engine's tile complaints naming the options."""
+    try:
+        return load_upscaler(options)
+    except ValueError as exc:
+        if "tile" in str(exc):
+            raise TinySRError(
+                f"--tile {options.engine.tile} / --tile-overlap {options.engine.tile_overlap}: {exc}"
+            ) from None
+        raise
+

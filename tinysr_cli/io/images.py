@@ -9,7 +9,6 @@ is atomic (a temporary file in the target folder, renamed when complete).
 
 from __future__ import annotations
 
-import glob
 import io
 import re
 import stat
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageCms, ImageOps, PngImagePlugin, UnidentifiedImageError, features
 
-from tinysr_cli.atomic import atomic_path
+from tinysr_cli.atomic import atomic_path, remove_stale_temporaries
 from tinysr_cli.errors import InputError, TinySRError
 
 try:  # AVIF/HEIC through the optional pillow-heif plugin (extra "heif")
@@ -425,13 +424,12 @@ def save_image(
 
 
 def prepare_output_folder(path: Path) -> None:
-    """Create the output folder; remove temporaries of ``path`` left by a killed run (they are ours)."""
+    """Create the output folder; remove temporaries left there by runs that have ended (killed)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise TinySRError(f"{path}: cannot create the output folder {path.parent} ({exc.strerror or exc})") from None
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.part"):
-        stale.unlink(missing_ok=True)
+    remove_stale_temporaries(path.parent)
 
 
 def _pillow_metadata(suffix: str, metadata: dict) -> dict:

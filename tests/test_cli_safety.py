@@ -1,0 +1,87 @@
+"""`tinysr upscale` never writes onto its inputs, never re-reads its own outputs, and shares folders safely."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from cli_helpers import run_cli, tree_digest
+from conftest import photo
+
+
+def _small(path, name="astronaut", size=(30, 40)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(photo(name, size)).save(path)
+
+
+def test_overwrite_never_replaces_another_input(tmp_path, tiny_weights):
+    folder = tmp_path / "in"
+    _small(folder / "a.jpg")
+    _small(folder / "a.png", "coffee")
+    before = tree_digest(folder)
+    result = run_cli("upscale", folder, "--suffix", "", "--format", "png", "--overwrite", "--model", tiny_weights)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == [
+        f"Error: {folder / 'a.jpg'}: the output {folder / 'a.png'} is an input of this run",
+        f"Error: {folder / 'a.png'}: the output path is the input file",
+    ]
+    assert "0 upscaled, 0 skipped, 2 failed" in result.stderr
+    assert tree_digest(folder) == before
+
+
+def test_format_switch_never_replaces_another_input(tmp_path, tiny_weights):
+    """rgba.jpg would be written as rgba.png (JPEG holds no alpha): that name is another input."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rgba = np.dstack([photo("astronaut", (30, 40)), np.tile(np.linspace(0, 255, 40, dtype=np.uint8), (30, 1))])
+    Image.fromarray(rgba, "RGBA").save(folder / "rgba.webp", lossless=True)
+    _small(folder / "rgba.png")
+    before = tree_digest(folder)
+    same = run_cli("upscale", folder / "rgba.webp", folder / "rgba.png", "--suffix", "", "--format", "jpg", "--overwrite",
+                   "--model", tiny_weights)
+    assert same.returncode == 1
+    assert f"Error: {folder / 'rgba.webp'}: the output {folder / 'rgba.png'} is an input of this run (after switching to .png)" in same.stderr
+    assert tree_digest(folder) == before
+
+
+def test_reruns_resume_instead_of_upscaling_their_own_outputs(tmp_path, tiny_weights):
+    folder = tmp_path / "in"
+    _small(folder / "a.png")
+    first = run_cli("upscale", folder, "--model", tiny_weights)
+    assert first.returncode == 0, first.stderr
+    outputs = tree_digest(folder)
+    again = run_cli("upscale", folder, "--model", tiny_weights)
+    assert again.returncode == 0, again.stderr
+    assert "0 upscaled, 1 skipped, 0 failed" in again.stderr
+    assert f"skipped {folder / 'a_x4.png'}: named like an output of tinysr" in again.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png", "a_x4.png"]
+    assert tree_digest(folder) == outputs
+    # Named explicitly, an output is an input like any other.
+    named = run_cli("upscale", folder / "a_x4.png", "--model", tiny_weights)
+    assert named.returncode == 0 and Image.open(folder / "a_x4_x4.png").size == (640, 480)
+
+
+def test_output_folder_inside_the_input_folder_is_not_scanned(tmp_path, tiny_weights):
+    folder = tmp_path / "in"
+    _small(folder / "a.png")
+    for _ in range(2):
+        result = run_cli("upscale", folder, "-r", "-o", folder / "up", "--model", tiny_weights)
+        assert result.returncode == 0, result.stderr
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == ["a.png", "up", "up/a.png"]
+    assert "0 upscaled, 1 skipped, 0 failed" in result.stderr
+    # The same through a pattern.
+    pattern = run_cli("upscale", f"{folder}/**/*.png", "-o", folder / "up", "--model", tiny_weights)
+    assert pattern.returncode == 0 and "0 upscaled, 1 skipped, 0 failed" in pattern.stderr
+
+
+def test_scaled_outputs_are_named_by_their_scale(tmp_path, tiny_weights):
+    _small(tmp_path / "a.png")
+    assert run_cli("upscale", tmp_path / "a.png", "-s", "2", "--model", tiny_weights).returncode == 0
+    assert run_cli("upscale", tmp_path / "a.png", "--width", "100", "--model", tiny_weights).returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a_w100.png", "a_x2.png"]
+    assert Image.open(tmp_path / "a_x2.png").size == (80, 60)
