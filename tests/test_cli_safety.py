@@ -85,3 +85,27 @@ def test_scaled_outputs_are_named_by_their_scale(tmp_path, tiny_weights):
     assert run_cli("upscale", tmp_path / "a.png", "--width", "100", "--model", tiny_weights).returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a_w100.png", "a_x2.png"]
     assert Image.open(tmp_path / "a_x2.png").size == (80, 60)
+
+
+def test_temporaries_of_a_live_run_are_left_alone_and_a_dead_runs_removed(tmp_path, tiny_weights):
+    _small(tmp_path / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    live = out / f".tinysr-{os.getppid()}-0123abcd.part"  # pytest's parent: alive while this test runs
+    live.write_bytes(b"another run's work in progress")
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = out / f".tinysr-{int(ended.stdout)}-0123abcd.part"
+    dead.write_bytes(b"left by a killed run")
+    result = run_cli("upscale", tmp_path / "a.png", "-o", out, "--model", tiny_weights)
+    assert result.returncode == 0, result.stderr
+    assert live.read_bytes() == b"another run's work in progress"
+    assert not dead.exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted(["a.png", live.name])
+
+
+def test_a_255_byte_output_name_is_writable(tmp_path, tiny_weights):
+    name = "n" * 251 + ".png"  # 255 bytes: NAME_MAX on Linux
+    _small(tmp_path / "in" / name)
+    result = run_cli("upscale", tmp_path / "in" / name, "-o", tmp_path / "out", "--model", tiny_weights)
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [name]

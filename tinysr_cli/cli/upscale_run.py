@@ -320,7 +320,7 @@ def run_batch(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
         for path, _ in failures:
             console.note(f"  failed: {path}")
 
-    started_jobs = 0
+    failed_before, skipped_before = len(failures), skipped
     try:
         upscaler = _load(options) if pending else None
         columns = [
@@ -340,7 +340,6 @@ def run_batch(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
             for job in pending:
                 bar.update(files_task, description=f"files ({job.source.name})")
                 started = time.perf_counter()
-                started_jobs += 1
                 try:
                     if input_kind(job.source) == "video":
                         written = process_video(upscaler, job, options, bar)
@@ -364,8 +363,7 @@ def run_batch(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
                 bar.advance(files_task)
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
-        left = len(pending) - started_jobs + 1 if started_jobs else len(pending)
-        console.stderr.print()
+        left = len(pending) - done - (len(failures) - failed_before) - (skipped - skipped_before)
         console.note(f"interrupted: {done} done, {left} left; run the same command to resume")
         summary()
         raise typer.Exit(128 + int(signum)) from None
