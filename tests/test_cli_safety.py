@@ -109,3 +109,31 @@ def test_a_255_byte_output_name_is_writable(tmp_path, tiny_weights):
     result = run_cli("upscale", tmp_path / "in" / name, "-o", tmp_path / "out", "--model", tiny_weights)
     assert result.returncode == 0, result.stderr
     assert [p.name for p in (tmp_path / "out").iterdir()] == [name]
+
+
+EPS = b"""%!PS-Adobe-3.0 EPSF-3.0
+%%BoundingBox: 0 0 40 30
+newpath 0 0 moveto 40 30 lineto stroke
+showpage
+%%EOF
+"""
+
+
+def test_postscript_named_png_is_refused_without_running_ghostscript(tmp_path, tiny_weights):
+    """Pillow hands EPS to Ghostscript; tinysr decodes only the formats it lists and never runs a program."""
+    bin_dir, marker = tmp_path / "bin", tmp_path / "ghostscript-ran"
+    bin_dir.mkdir()
+    fake_gs = bin_dir / "gs"
+    fake_gs.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    fake_gs.chmod(0o755)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "drawing.png").write_bytes(EPS)
+    _small(folder / "photo.png")
+    result = run_cli("upscale", folder, "-o", tmp_path / "out", "--model", tiny_weights,
+                     env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    assert result.returncode == 1
+    assert f"Error: {folder / 'drawing.png'}: not an image file" in result.stderr
+    assert "1 upscaled, 0 skipped, 1 failed" in result.stderr
+    assert not marker.exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["photo.png"]

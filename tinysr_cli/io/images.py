@@ -48,6 +48,10 @@ if _HEIF:
     _PIL_FORMAT.update({".heic": "HEIF", ".heif": "HEIF"})
     FORMATS.update({"heic": ".heic", "heif": ".heif"})
 IMAGE_SUFFIXES = set(_PIL_FORMAT)
+# The only decoders Pillow may use on an input, whatever its name says: those of the formats we list
+# (JPEG's opener also returns a camera's multi-picture MPO). Others are never tried, in particular
+# EPS, which Pillow hands to Ghostscript, an external interpreter.
+DECODERS = tuple(sorted(set(_PIL_FORMAT.values())))
 ALPHA_SUFFIXES = {".png", ".webp", ".tif", ".tiff", ".gif", ".avif", ".heic", ".heif"} & IMAGE_SUFFIXES
 HIGH_DEPTH_SUFFIXES = {".png", ".tif", ".tiff"}  # where 16-bit samples are written as 16-bit
 _QUALITY_SUFFIXES = {".jpg", ".jpeg", ".webp", ".avif", ".heic", ".heif"}
@@ -123,7 +127,7 @@ def open_image(path: Path, max_pixels: int) -> Iterator[Image.Image]:
         with _PILLOW_GUARD:
             saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
             try:
-                with Image.open(path) as image:
+                with Image.open(path, formats=DECODERS) as image:
                     width, height = image.size
                     if width * height > max_pixels:
                         raise InputError(
@@ -152,7 +156,7 @@ def _unidentified(path: Path) -> str:
         samples = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
         if samples is not None and samples.dtype.kind == "f":
             return f"{path}: floating-point colour TIFF is not supported (floating-point grayscale is)"
-    return f"{path}: not an image file (or a format Pillow cannot read)"
+    return f"{path}: not an image file (or not one of the formats tinysr reads: {', '.join(sorted(IMAGE_SUFFIXES))})"
 
 
 def _check_regular_file(path: Path) -> None:
