@@ -137,3 +137,19 @@ def test_postscript_named_png_is_refused_without_running_ghostscript(tmp_path, t
     assert "1 upscaled, 0 skipped, 1 failed" in result.stderr
     assert not marker.exists()
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["photo.png"]
+
+
+def test_nan_weights_in_the_vae_decoder_fail_the_item_instead_of_writing_black(tmp_path):
+    import torch
+
+    from tinysr_cli.weights.format import init_weights, save_weights
+
+    model = init_weights("tiny", seed=0)
+    with torch.no_grad():
+        next(model.vae.decoder.parameters()).fill_(float("nan"))
+    weights = save_weights(model, tmp_path / "nan.safetensors")
+    _small(tmp_path / "a.png")
+    result = run_cli("upscale", tmp_path / "a.png", "-o", tmp_path / "out.png", "--model", weights)
+    assert result.returncode == 1
+    assert f"Error: {tmp_path / 'a.png'}: the model's VAE decoder produced NaN/inf values even in fp32" in result.stderr
+    assert not (tmp_path / "out.png").exists()

@@ -346,8 +346,9 @@ def run_batch(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
                     else:
                         written = process_image(upscaler, job, options, on_progress, inputs)
                 except TinySRError as exc:
-                    failures.append((job.source, str(exc)))
-                    console.error(str(exc), hint=exc.hint)
+                    message = str(exc) if str(exc).startswith(str(job.source)) else f"{job.source}: {exc}"
+                    failures.append((job.source, message))
+                    console.error(message, hint=exc.hint)
                 except Exception as exc:  # one bad file never stops the batch
                     message = f"{job.source}: {type(exc).__name__}: {exc}"
                     failures.append((job.source, message))

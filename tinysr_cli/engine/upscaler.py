@@ -156,8 +156,18 @@ class Upscaler:
         return self._run_vae(self.model.vae.decode, latent)
 
     def _run_vae(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
-        return fn(x).to("cpu", torch.float32).contiguous()
+        """A VAE half on one tile; non-finite output is retried in fp32 (as for the backbone), then an error."""
+        out = fn(x.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last))
+        if not bool(torch.isfinite(out).all()) and self.dtype != torch.float32:
+            vae = copy.deepcopy(self.model.vae).float()
+            out = getattr(vae, fn.__name__)(x.to(self.device, torch.float32).contiguous(memory_format=torch.channels_last))
+        if not bool(torch.isfinite(out).all()):
+            part = "decoder" if fn.__name__ == "decode" else "encoder"
+            raise TinySRError(
+                f"the model's VAE {part} produced NaN/inf values even in fp32",
+                hint="the weights may be corrupt: check them with `tinysr weights verify`",
+            )
+        return out.to("cpu", torch.float32).contiguous()
 
     def _velocity(self, latent: torch.Tensor, progress: ProgressCallback | None) -> torch.Tensor:
         """Backbone velocity over overlapping tiles, blended with normalised Gaussian weights."""
