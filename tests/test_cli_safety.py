@@ -153,3 +153,55 @@ def test_nan_weights_in_the_vae_decoder_fail_the_item_instead_of_writing_black(t
     assert result.returncode == 1
     assert f"Error: {tmp_path / 'a.png'}: the model's VAE decoder produced NaN/inf values even in fp32" in result.stderr
     assert not (tmp_path / "out.png").exists()
+
+
+def test_missing_inputs_and_dangling_links_fail_alone(tmp_path, tiny_weights):
+    folder = tmp_path / "in"
+    _small(folder / "a.png")
+    (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "loose.png").symlink_to(tmp_path / "nowhere.png")
+    out = tmp_path / "out"
+    result = run_cli("upscale", tmp_path / "missing.png", folder, f"{tmp_path}/loose*.png", "-o", out, "--model", tiny_weights)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == [
+        f"Error: {tmp_path / 'missing.png'}: no such file or folder",
+        f"Error: {folder / 'gone.png'}: a link to a missing file",
+        f"Error: {tmp_path / 'loose.png'}: a link to a missing file",
+    ]
+    assert "1 upscaled, 0 skipped, 3 failed" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["a.png"]
+
+
+def test_empty_input_set_says_so(tmp_path, tiny_weights):
+    (tmp_path / "empty").mkdir()
+    result = run_cli("upscale", tmp_path / "empty", "--model", tiny_weights)
+    assert result.returncode == 1
+    assert result.stderr == "Error: nothing to upscale: no image or video among the inputs\n"
+    assert result.stdout == ""
+
+
+def test_options_are_checked_before_the_model_loads(tmp_path):
+    _small(tmp_path / "a.png")
+    _small(tmp_path / "b.png")
+    absent = tmp_path / "absent.safetensors"  # never reached: the options are refused first
+    cases = [
+        (["-s", "-2"], "Error: --scale -2: must be above 0 and at most 16"),
+        (["--scale", "0"], "Error: --scale 0: must be above 0 and at most 16"),
+        (["--scale", "inf"], "Error: --scale inf: must be above 0 and at most 16"),
+        (["--width", "-100"], "Error: --width -100: must be between 1 and 65535 pixels"),
+        (["--width", "0"], "Error: --width 0: must be between 1 and 65535 pixels"),
+        (["-t", "-1"], "Error: --tile -1: must be 0 (the model's own) or a positive number of latent pixels"),
+        (["--tile", "16", "--tile-overlap", "16"], "Error: --tile-overlap 16: must be smaller than --tile 16"),
+        (["-f", "gif"], "Error: --format gif: unknown output format"),
+        (["-o", tmp_path / "x.png", "--format", "webp"], f"Error: -o {tmp_path / 'x.png'} and --format webp disagree"),
+    ]
+    for args, message in cases:
+        result = run_cli("upscale", tmp_path / "a.png", *args, "-m", absent)
+        assert result.returncode == 1 and result.stderr.splitlines()[0] == message, (args, result.stderr)
+    two = run_cli("upscale", tmp_path / "a.png", tmp_path / "b.png", "-o", tmp_path / "out.png", "-m", absent)
+    assert two.returncode == 1
+    assert two.stderr.splitlines()[0] == f"Error: -o {tmp_path / 'out.png'}: names a file, but there are several inputs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
+    tile = run_cli("upscale", tmp_path / "a.png", "-t", "30", "-o", tmp_path / "t.png", "-m", absent)
+    assert "absent.safetensors: no such" in tile.stderr  # valid by itself; the model decides the rest
