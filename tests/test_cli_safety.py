@@ -205,3 +205,17 @@ def test_options_are_checked_before_the_model_loads(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
     tile = run_cli("upscale", tmp_path / "a.png", "-t", "30", "-o", tmp_path / "t.png", "-m", absent)
     assert "absent.safetensors: no such" in tile.stderr  # valid by itself; the model decides the rest
+
+
+def test_thin_images_are_estimated_at_the_size_really_processed(tmp_path, tiny_weights):
+    """Inputs under 128 px on the short side are enlarged first: a 20000 x 1 strip costs as much as 2560000 x 128."""
+    from test_hostile_inputs import write_zero_png
+
+    write_zero_png(tmp_path / "strip.png", 20000, 1)
+    result = run_cli("upscale", tmp_path / "strip.png", "-o", tmp_path / "out.png", "--model", tiny_weights)
+    assert result.returncode == 1
+    assert (
+        f"Error: {tmp_path / 'strip.png'}: 20000x1 needs about 503.3 GB of memory to upscale "
+        "(its short side is under 128 px, so it is enlarged to 2560000x128 first)"
+    ) in result.stderr
+    assert not (tmp_path / "out.png").exists()

@@ -159,17 +159,26 @@ def upscale_pixels(
     return rgb, resample(upscale_alpha(image.alpha), size)
 
 
-def check_memory(job: Job, info: ImageInfo, upscaler: Upscaler, animated: bool) -> None:
+def check_memory(job: Job, info: ImageInfo, upscaler: Upscaler, animated: bool, options: BatchOptions | None = None) -> None:
     """Refuse up front, with the numbers, a job that cannot fit in the memory available now."""
     needed = upscaler.memory_needed(info.height, info.width)
+    final_height, final_width = final_size(info.height, info.width, options) if options else (info.height * UPSCALE, info.width * UPSCALE)
+    if (final_height, final_width) != (info.height * UPSCALE, info.width * UPSCALE):  # 4x is counted already
+        needed += final_height * final_width * 3 * 4 * 2  # the resampled float canvas and its copy
     if animated:  # every upscaled frame is kept (8-bit RGBA) until the file is written
-        needed += info.frames * info.height * info.width * UPSCALE * UPSCALE * 4
+        needed += info.frames * final_height * final_width * 4
     available = available_memory()
     if available is not None and needed > available:
+        work_height, work_width = upscaler.work_size(info.height, info.width)
+        enlarged = (
+            f" (its short side is under {upscaler.min_lr_side} px, so it is enlarged to {work_width}x{work_height} first)"
+            if (work_height, work_width) != (info.height, info.width)
+            else ""
+        )
         raise TinySRError(
-            f"{job.source}: {info.width}x{info.height} needs about {needed / 1e9:.1f} GB of memory to upscale, "
+            f"{job.source}: {info.width}x{info.height} needs about {needed / 1e9:.1f} GB of memory to upscale{enlarged}, "
             f"{available / 1e9:.1f} GB is available",
-            hint="split the image into parts, or free memory",
+            hint="pad the short side to at least 128 px, or split the image into parts" if enlarged else "split the image into parts, or free memory",
         )
 
 
@@ -203,7 +212,7 @@ def process_image(
     """Upscale one file; returns the path written (its format may have switched), None if skipped."""
     info = probe_image(job.source, max_pixels=options.max_pixels)
     animated = info.frames > 1 and job.source.suffix.lower() in ANIMATION_SUFFIXES
-    check_memory(job, info, upscaler, animated)
+    check_memory(job, info, upscaler, animated, options)
     if animated:
         animation = load_animation(job.source, max_pixels=options.max_pixels)
         output, warnings = plan_animation_output(job.output)

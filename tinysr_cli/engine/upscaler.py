@@ -91,8 +91,21 @@ class Upscaler:
         self.batch_size = options.batch_size or (1 if self.device.type == "cpu" else 8)
 
     def memory_needed(self, height: int, width: int) -> int:
-        """Bytes of CPU memory one [3, height, width] image needs: canvases, colour fix, resampling, saving."""
-        return height * width * UPSCALE * UPSCALE * CPU_BYTES_PER_OUTPUT_PIXEL
+        """Bytes of CPU memory one [3, height, width] image needs: canvases, colour fix, resampling, saving.
+
+        Counted at the size actually processed: an input whose short side is under the model's
+        minimum is enlarged first, so a 1 x 20000 strip costs what a 128 x 2560000 image does.
+        """
+        work_height, work_width = self.work_size(height, width)
+        return work_height * work_width * UPSCALE * UPSCALE * CPU_BYTES_PER_OUTPUT_PIXEL
+
+    def work_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) the model runs at: the input's, or its enlargement when a side is too short."""
+        short = min(height, width)
+        if short >= self.min_lr_side:
+            return height, width
+        factor = self.min_lr_side / short
+        return max(self.min_lr_side, math.ceil(height * factor)), max(self.min_lr_side, math.ceil(width * factor))
 
     @torch.inference_mode()
     def upscale(self, image: torch.Tensor, progress: ProgressCallback | None = None) -> torch.Tensor:
@@ -118,12 +131,9 @@ class Upscaler:
 
     def _enlarge_small(self, images: torch.Tensor) -> torch.Tensor:
         """Inputs whose short side is below the model's minimum are enlarged to it (bicubic)."""
-        height, width = images.shape[-2:]
-        short = min(height, width)
-        if short >= self.min_lr_side:
+        size = self.work_size(*images.shape[-2:])
+        if size == tuple(images.shape[-2:]):
             return images
-        factor = self.min_lr_side / short
-        size = (max(self.min_lr_side, math.ceil(height * factor)), max(self.min_lr_side, math.ceil(width * factor)))
         return F.interpolate(images, size=size, mode="bicubic", align_corners=False)
 
     def _restore(self, pixels: torch.Tensor, progress: ProgressCallback | None) -> torch.Tensor:
