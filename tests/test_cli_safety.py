@@ -219,3 +219,31 @@ def test_thin_images_are_estimated_at_the_size_really_processed(tmp_path, tiny_w
         "(its short side is under 128 px, so it is enlarged to 2560000x128 first)"
     ) in result.stderr
     assert not (tmp_path / "out.png").exists()
+
+
+def test_library_noise_is_one_line_naming_the_file(tmp_path, tiny_weights):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    flat = np.zeros((30, 40, 3), np.uint8)
+    Image.fromarray(flat).save(folder / "exif.jpg", exif=b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x05\x00\x0f\x01\x02\x00")
+    Image.fromarray(flat).save(folder / "icc.png", icc_profile=bytes(range(256)) + b"x" * 44)
+    (folder / "bad\nname.png").write_text("not a picture")
+    out = tmp_path / "out"
+    result = run_cli("upscale", folder, "-o", out, "--model", tiny_weights)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert f"Warning: {folder / 'exif.jpg'}: Corrupt EXIF data. Expecting to read 12 bytes but only got 4." in lines
+    assert f"Warning: {folder / 'icc.png'}: its ICC profile (300 bytes) is damaged and is not copied to the output" in lines
+    assert any(line.startswith(f"Error: {folder}/bad\\nname.png: not an image file") for line in lines), lines
+    assert "UserWarning" not in result.stderr and "warnings.warn" not in result.stderr
+    assert "icc_profile" not in Image.open(out / "icc.png").info
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path, tiny_weights):
+    config = tmp_path / "config" / "tinysr" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_bytes(b'model = "caf\xe9"\n')
+    _small(tmp_path / "a.png")
+    result = run_cli("upscale", tmp_path / "a.png", "-o", tmp_path / "o.png", env={"XDG_CONFIG_HOME": str(tmp_path / "config")})
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[0] == f"Error: {config}: not UTF-8 text (byte 11), TOML files must be UTF-8"

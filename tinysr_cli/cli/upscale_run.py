@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -350,10 +352,11 @@ def run_batch(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
                 bar.update(files_task, description=f"files ({job.source.name})")
                 started = time.perf_counter()
                 try:
-                    if input_kind(job.source) == "video":
-                        written = process_video(upscaler, job, options, bar)
-                    else:
-                        written = process_image(upscaler, job, options, on_progress, inputs)
+                    with _library_warnings(job.source, options.quiet):
+                        if input_kind(job.source) == "video":
+                            written = process_video(upscaler, job, options, bar)
+                        else:
+                            written = process_image(upscaler, job, options, on_progress, inputs)
                 except TinySRError as exc:
                     message = str(exc) if str(exc).startswith(str(job.source)) else f"{job.source}: {exc}"
                     failures.append((job.source, message))
@@ -380,6 +383,24 @@ def run_batch(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
 
     summary()
     return failures
+
+
+@contextlib.contextmanager
+def _library_warnings(source: Path, quiet: bool):
+    """Python warnings raised while one file is processed (Pillow's "Corrupt EXIF data", a damaged
+    ICC profile) become one ``Warning: FILE: ...`` line each, instead of library noise without a name."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            if not quiet:
+                seen = set()
+                for item in caught:
+                    text = " ".join(str(item.message).split())
+                    if text not in seen:
+                        seen.add(text)
+                        console.warn(f"{source}: {text}")
 
 
 def _load(options: BatchOptions) -> Upscaler:

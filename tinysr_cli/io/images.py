@@ -14,6 +14,7 @@ import re
 import stat
 import struct
 import threading
+import warnings
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -298,8 +299,13 @@ def _is_grayscale_file(path: Path, image: Image.Image) -> bool:
 def read_metadata(image: Image.Image) -> dict:
     """ICC profile, EXIF (orientation reset to 1, since pixels are stored upright) and XMP, as bytes."""
     metadata: dict = {}
-    if image.info.get("icc_profile"):
-        metadata["icc_profile"] = image.info["icc_profile"]
+    icc = image.info.get("icc_profile")
+    if icc:
+        try:
+            ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            metadata["icc_profile"] = icc
+        except (ImageCms.PyCMSError, OSError, TypeError, ValueError):
+            warnings.warn(f"its ICC profile ({len(icc)} bytes) is damaged and is not copied to the output", stacklevel=2)
     exif = Image.Exif()
     exif.load(image.getexif().tobytes())  # a copy: the image's own EXIF still drives exif_transpose
     if image.format == "TIFF":  # a TIFF's "EXIF" is its own IFD: keep the descriptive tags only
