@@ -246,4 +246,4 @@ def test_a_config_file_that_is_not_utf8_is_named(tmp_path, tiny_weights):
     _small(tmp_path / "a.png")
     result = run_cli("upscale", tmp_path / "a.png", "-o", tmp_path / "o.png", env={"XDG_CONFIG_HOME": str(tmp_path / "config")})
     assert result.returncode == 1
-    assert result.stderr.splitlines()[0] == f"Error: {config}: not UTF-8 text (byte 11), TOML files must be UTF-8"
+    assert result.stderr.splitlines()[0] == f"Error: {config}: not UTF-8 text (byte 12), TOML files must be UTF-8"
