@@ -247,3 +247,15 @@ def test_a_config_file_that_is_not_utf8_is_named(tmp_path, tiny_weights):
     result = run_cli("upscale", tmp_path / "a.png", "-o", tmp_path / "o.png", env={"XDG_CONFIG_HOME": str(tmp_path / "config")})
     assert result.returncode == 1
     assert result.stderr.splitlines()[0] == f"Error: {config}: not UTF-8 text (byte 12), TOML files must be UTF-8"
+
+
+def test_unreachable_hub_is_one_line(tmp_path):
+    _small(tmp_path / "a.png")
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"), "XDG_CONFIG_HOME": str(tmp_path / "cfg")}
+    result = run_cli("upscale", tmp_path / "a.png", "-o", tmp_path / "o.png", "-m", "someone/model", env=env)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert lines[0] == (
+        "Error: hf://someone/model@main/model.safetensors: cannot reach the Hub at http://127.0.0.1:9 and the file is not in the cache"
+    )
+    assert len(lines) == 2 and lines[1].startswith("Hint: "), lines  # no retry lines from huggingface_hub
