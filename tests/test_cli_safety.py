@@ -259,3 +259,38 @@ def test_unreachable_hub_is_one_line(tmp_path):
         "Error: hf://someone/model@main/model.safetensors: cannot reach the Hub at http://127.0.0.1:9 and the file is not in the cache"
     )
     assert len(lines) == 2 and lines[1].startswith("Hint: "), lines  # no retry lines from huggingface_hub
+
+
+def test_progress_on_a_terminal_fits_80_columns_and_results_do_not_tear_it(tmp_path, tiny_weights):
+    import pty
+    import re
+
+    folder = tmp_path / "in"
+    _small(folder / ("a_long_holiday_photo_name_" * 3 + ".png"))
+    _small(folder / "b.png", "coffee")
+    controller, terminal = pty.openpty()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "80", "LINES": "24", "TERM": "xterm"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tinysr_cli", "upscale", str(folder), "-o", str(tmp_path / "out"), "--model", str(tiny_weights)],
+        stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, env=env,
+    )
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            data = os.read(controller, 65536)
+        except OSError:  # EIO: the program closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert process.wait(timeout=600) == 0
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode())
+    lines = [line for line in re.split(r"[\r\n]", text) if line.strip()]
+    bars = [line for line in lines if "ETA" in line]
+    assert bars and all(len(line) <= 80 for line in bars), [line for line in bars if len(line) > 80]
+    for name in ("a_long_holiday_photo_name_" * 3 + ".png", "b.png"):
+        assert str(tmp_path / "out" / name) in lines  # whole lines, not torn by a bar redraw
+    assert any(line.startswith("encode (VAE)") or line.startswith("backbone tiles") for line in lines)
+    assert any("ETA 0:" in line and line.startswith("files") for line in lines)
+    assert "2 upscaled, 0 skipped, 0 failed" in lines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import signal
 import time
@@ -15,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from tinysr_cli.cli import console
 from tinysr_cli.engine.device import resolve_device, resolve_precision
@@ -335,21 +337,33 @@ def run_batch(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
     try:
         upscaler = _load(options) if pending else None
         columns = [
-            TextColumn("{task.description}"),
-            BarColumn(),
+            TextColumn("{task.description}", style="bold"),
+            BarColumn(bar_width=20),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
-            TimeRemainingColumn(),
+            _EtaColumn(),
         ]
-        with Progress(*columns, console=console.stderr, disable=options.quiet, transient=True) as bar:
-            files_task = bar.add_task("files", total=len(pending))
-            tiles_task = bar.add_task("tiles", total=None)
+        # Progress only on a terminal (logs get the result and summary lines, not bar redraws).
+        show = not options.quiet and console.stderr.is_terminal
+        with Progress(*columns, console=console.stderr, disable=not show, transient=True) as bar:
+            files_task = bar.add_task("files", total=len(pending), eta=None)
+            tiles_task = bar.add_task("", total=None, visible=False)
+            batch_started = time.perf_counter()
 
             def on_progress(stage: str, current: int, total: int) -> None:
-                bar.update(tiles_task, completed=current, total=total)
+                # The engine reports backbone tiles; before the first report it encodes, after the last it decodes.
+                label = "decode (VAE)" if total and current >= total else "backbone tiles"
+                bar.update(tiles_task, completed=current, total=total, description=label, visible=True)
 
-            for job in pending:
-                bar.update(files_task, description=f"files ({job.source.name})")
+            def result_line(text: str) -> None:
+                if show and console.stdout.is_terminal:  # one terminal: printed above the bars, not through them
+                    bar.console.print(text, markup=False, highlight=False)
+                else:
+                    console.stdout.print(text, markup=False)
+
+            for index, job in enumerate(pending):
+                bar.update(files_task, description=f"files {_short(job.source.name, 20)}")
+                bar.reset(tiles_task, total=None, description="encode (VAE)", visible=input_kind(job.source) != "video")
                 started = time.perf_counter()
                 try:
                     with _library_warnings(job.source, options.quiet):
@@ -370,10 +384,12 @@ def run_batch(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
                         skipped += 1
                     else:
                         done += 1
-                        console.stdout.print(str(written), markup=False)
+                        result_line(str(written))
                         if not options.quiet:
                             console.note(f"{job.source} -> {written} ({time.perf_counter() - started:.1f} s)")
-                bar.advance(files_task)
+                finished = index + 1
+                elapsed = time.perf_counter() - batch_started
+                bar.update(files_task, advance=1, eta=elapsed / finished * (len(pending) - finished))
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
         left = len(pending) - done - (len(failures) - failed_before) - (skipped - skipped_before)
@@ -401,6 +417,21 @@ def _library_warnings(source: Path, quiet: bool):
                     if text not in seen:
                         seen.add(text)
                         console.warn(f"{source}: {text}")
+
+
+class _EtaColumn(ProgressColumn):
+    """Time left: the batch's from the mean time per finished file; other rows' from Rich's estimate."""
+
+    def render(self, task) -> Text:
+        eta = task.fields["eta"] if "eta" in task.fields else task.time_remaining
+        if eta is None:
+            return Text("ETA -:--:--", style="progress.remaining")
+        return Text(f"ETA {datetime.timedelta(seconds=int(eta))}", style="progress.remaining")
+
+
+def _short(name: str, width: int) -> str:
+    """A file name cut in the middle to ``width`` characters, so the bars fit 80 columns."""
+    return name if len(name) <= width else name[: width // 2 - 1] + "…" + name[-(width - width // 2):]
 
 
 def _load(options: BatchOptions) -> Upscaler:
