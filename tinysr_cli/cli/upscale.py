@@ -75,7 +75,10 @@ def upscale_command(
             "default: Pillow's, 89478485).",
         ),
     ] = 89478485,
-    codec: Annotated[str, typer.Option(help="h264, hevc, vp9 or av1 (those this PyAV build encodes).", rich_help_panel=_VIDEO)] = "h264",
+    codec: Annotated[
+        Optional[str],
+        typer.Option(help="h264, hevc, vp9 or av1 (those this PyAV build encodes; default: vp9 for .webm, else h264).", rich_help_panel=_VIDEO),
+    ] = None,
     crf: Annotated[
         Optional[int],
         typer.Option(help="Constant quality, lower is better (default: h264 18, hevc 20, vp9 24, av1 28).", rich_help_panel=_VIDEO),
@@ -113,8 +116,8 @@ def upscale_command(
         output_format=output_format,
         default_suffix=default_suffix(scale, width, height),
     )
-    if any(input_kind(job.source) == "video" for job in plan.jobs):
-        video.check_settings(codec, crf, pix_fmt)
+    for chosen in sorted({codec or video.default_codec(job.output) for job in plan.jobs if input_kind(job.source) == "video"}):
+        video.check_settings(chosen, crf, pix_fmt)
     options = BatchOptions(
         model=model,
         device=device,

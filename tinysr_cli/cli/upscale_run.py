@@ -57,7 +57,7 @@ class BatchOptions:
     quiet: bool
     strip_metadata: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
-    codec: str = "h264"
+    codec: str | None = None  # None: video.default_codec of each output
     crf: int | None = None
     pix_fmt: str | None = None
     keep_partial: bool = False
@@ -270,7 +270,7 @@ def process_video(upscaler: Upscaler, job: Job, options: BatchOptions, bar: Prog
             job.source,
             job.output,
             upscaler.upscale_batch,
-            codec=options.codec,
+            codec=options.codec or video.default_codec(job.output),
             crf=options.crf,
             pix_fmt=options.pix_fmt,
             keep_partial=options.keep_partial,
