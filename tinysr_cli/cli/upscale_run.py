@@ -372,7 +372,9 @@ def run_batch(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
                         else:
                             written = process_image(upscaler, job, options, on_progress, inputs)
                 except TinySRError as exc:
-                    message = str(exc) if str(exc).startswith(str(job.source)) else f"{job.source}: {exc}"
+                    # Messages name their file already; the engine's (NaN/inf) get the input's name.
+                    named = str(exc).startswith((str(job.source), str(job.output.parent), "/"))
+                    message = str(exc) if named else f"{job.source}: {exc}"
                     failures.append((job.source, message))
                     console.error(message, hint=exc.hint)
                 except Exception as exc:  # one bad file never stops the batch
