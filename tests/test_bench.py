@@ -49,3 +49,15 @@ def test_bench_command_reports_each_pipeline_as_json():
     assert names == ["tinysr", "official-style"]
     assert all(row["latency_s"] > 0 and row["peak_host_mib"] > 0 for row in report["results"])
     assert report["results"][0]["latency_vs_tinysr"] == 1.0
+
+
+def test_bench_without_peft_says_what_is_missing(tmp_path):
+    """A plain install lacks peft: the official-style comparison names it instead of a ModuleNotFoundError."""
+    blocker = tmp_path / "peft"
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'peft'\", name='peft')\n")
+    result = run_cli("bench", "--config", "tiny", "--size", "256", "--large", "0", "--runs", "1", env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 1
+    assert "Error: the official-style comparison needs the peft package, which is not installed" in result.stderr
+    assert "Hint: pip install peft, or pass --no-official" in result.stderr
+    assert "Traceback" not in result.stderr and "TSD-SR" not in result.stderr  # the 2.1 B comparison is opt-in

@@ -54,7 +54,7 @@ def test_folder_recursive_mirrors_the_tree_and_reports_the_bad_file(tmp_path, in
 def test_non_recursive_folder_and_default_names_beside_input(inputs, tiny_weights):
     result = run_cli("upscale", inputs / "sub" / "b.jpg", "--model", tiny_weights, "--scale", "2", "--format", "png")
     assert result.returncode == 0, result.stderr
-    out = inputs / "sub" / "b_x4.png"
+    out = inputs / "sub" / "b_x2.png"  # named by the scale it has
     assert Image.open(out).size == (180, 200)  # --scale 2 resamples the 4x result
 
 

@@ -8,11 +8,13 @@ stripping, resuming, interruption by SIGINT/SIGKILL and unusable output folders.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -326,22 +328,35 @@ def test_read_only_output_folder(tmp_path, tiny_weights):
         assert list(locked.iterdir()) == []
 
 
-def _interrupted_batch(tmp_path: Path, tiny_weights: Path, sig: int) -> tuple[Path, Path, int, int]:
-    """Start a batch of 4 images, send ``sig`` once the first output is reported, wait for the exit."""
+def _interrupted_batch(tmp_path: Path, tiny_weights: Path, sig: int) -> tuple[Path, Path, int, int, str]:
+    """Start a batch of 4 images, send ``sig`` while it is held after its second output, wait for the exit.
+
+    No timing: the batch's stdout is a pipe the test fills until only the first result line fits,
+    so the batch blocks writing its second line (two files complete) until the test reads.
+    """
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
     for index, name in enumerate(["astronaut", "coffee", "chelsea", "rocket"]):
         Image.fromarray(photo(name, (128, 128 + index))).save(inputs / f"{index}.png")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    read_end, write_end = os.pipe()
+    capacity = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+    first_line = f"{out / '0.png'}\n".encode()
+    filler = b"#" * (capacity - len(first_line) - 1) + b"\n"
+    os.write(write_end, filler)
     process = subprocess.Popen(
         [sys.executable, "-m", "tinysr_cli", "upscale", str(inputs), "-o", str(out), "--model", str(tiny_weights)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+        stdout=write_end, stderr=subprocess.PIPE, text=True, env=env,
     )
-    first = process.stdout.readline()  # the first complete output: the batch is under way
-    assert first.strip().endswith(".png")
+    os.close(write_end)
+    while not (out / "1.png").exists() and process.poll() is None:  # a wait for an event, not a timed assertion
+        time.sleep(0.05)
     process.send_signal(sig)
-    process.communicate(timeout=120)
-    return inputs, out, process.returncode, len([p for p in out.iterdir() if not p.name.startswith(".")])
+    with os.fdopen(read_end, "rb") as reader:  # unblocks the batch's pending write
+        stdout = reader.read()[len(filler):].decode()
+    _, stderr = process.communicate(timeout=600)
+    assert stdout.splitlines()[0] == str(out / "0.png")
+    return inputs, out, process.returncode, len([p for p in out.iterdir() if not p.name.startswith(".")]), stderr
 
 
 def _assert_complete_outputs(out: Path) -> None:
@@ -353,15 +368,20 @@ def _assert_complete_outputs(out: Path) -> None:
             assert image.size == (4 * (128 + int(path.stem)), 512)
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGKILL, -signal.SIGKILL)])
+@pytest.mark.parametrize(
+    "sig, code",
+    [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGKILL, -signal.SIGKILL)],
+)
 def test_interrupted_batch_leaves_only_complete_files_and_resumes(tmp_path, tiny_weights, sig, code):
-    inputs, out, returncode, done = _interrupted_batch(tmp_path, tiny_weights, sig)
+    inputs, out, returncode, done, stderr = _interrupted_batch(tmp_path, tiny_weights, sig)
     before = tree_digest(inputs)
-    assert returncode == code
-    assert 1 <= done < 4
+    assert returncode == code, stderr
+    assert done == 2
     _assert_complete_outputs(out)
-    if sig == signal.SIGINT:  # a clean interrupt removes its temporary file; a kill cannot
+    if sig != signal.SIGKILL:  # a clean interrupt removes its temporary file and says how far it got; a kill cannot
         assert [p for p in out.iterdir() if p.name.startswith(".")] == []
+        assert "interrupted: 2 done, 2 left; run the same command to resume" in stderr
+        assert "2 upscaled, 0 skipped, 0 failed" in stderr
     resumed = run_cli("upscale", inputs, "-o", out, "--model", tiny_weights)
     assert resumed.returncode == 0
     assert f"{4 - done} upscaled, {done} skipped, 0 failed" in resumed.stderr

@@ -595,3 +595,32 @@ def test_cli_upscales_videos_in_a_folder_and_reports_the_broken_one(tmp_path, ti
     bad = run_cli("upscale", folder / "clip.dat", "-o", tmp_path / "x.mp4", "--model", tiny_weights, "--codec", "h265")
     assert bad.returncode == 1 and "Error: unknown video codec 'h265'" in bad.stderr
     assert not (tmp_path / "x.mp4").exists()
+
+
+def _audio_only(path: Path) -> None:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=SAMPLE_RATE)
+        stream.codec_context.layout = "stereo"
+        tone = np.zeros((2, SAMPLE_RATE // 4), np.float32)
+        for start in range(0, tone.shape[1], 1024):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[:, start : start + 1024]), format="fltp", layout="stereo")
+            frame.sample_rate, frame.pts, frame.time_base = SAMPLE_RATE, start, Fraction(1, SAMPLE_RATE)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+def test_cli_webm_defaults_to_vp9_and_audio_only_is_skipped(tmp_path, tiny_weights):
+    from cli_helpers import run_cli
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    make_clip(folder / "clip.webm", frames=2, size=(32, 24), codec="libvpx-vp9", audio="libopus")
+    _audio_only(folder / "voice.mp4")
+    out = tmp_path / "out"
+    result = run_cli("upscale", folder, "-o", out, "--model", tiny_weights)
+    assert result.returncode == 0, result.stderr
+    assert f"skipped {folder / 'voice.mp4'}: audio only, no video stream" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["clip.webm"]
+    with av.open(str(out / "clip.webm")) as container:
+        assert container.streams.video[0].codec_context.name == "vp9"
+

@@ -102,3 +102,49 @@ def test_not_safetensors_and_pickles(tmp_path):
     with pytest.raises(WeightsError, match="pickled checkpoints are not loaded") as caught:
         read_info(pickle)
     assert "import-official" in caught.value.hint
+
+
+def _with_config(tmp_path, edit) -> "Path":
+    """The tiny weights with their config metadata edited by ``edit(dict)``."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from tinysr_cli.weights.format import init_weights, save_weights
+
+    source = save_weights(init_weights("tiny", seed=0), tmp_path / "tiny.safetensors")
+    with safe_open(source, framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    config = json.loads(metadata["config"])
+    edit(config)
+    metadata["config"] = json.dumps(config)
+    path = tmp_path / "edited.safetensors"
+    save_file(tensors, path, metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c["transformer"].update(num_layers=10**7), "transformer.num_layers = 10000000, expected an integer from 1 to 256"),
+        (lambda c: c["transformer"].update(num_layers=3), "transformer.num_layers = 3, the file holds 2 transformer blocks"),
+        (lambda c: c["transformer"].update(num_heads=0), "transformer.num_heads = 0, expected an integer from 1 to 1024"),
+        (lambda c: c["transformer"].update(num_heads=3), "transformer.hidden_size 64 is not divisible by transformer.num_heads 3"),
+        (lambda c: c["transformer"].update(pos_grid=100000), "transformer.pos_grid = 100000, expected an integer from 1 to 1024"),
+        (lambda c: c["transformer"].update(pos_grid=16), "the config implies transformer.pos_embed of shape (1, 256, 64)"),
+        (lambda c: c["transformer"].update(hidden_size="64"), "transformer.hidden_size = '64', expected an integer"),
+        (lambda c: c["vae"].update(encoder_blocks=[1, 1, 10**6, 1]), "vae.encoder_blocks = [1, 1, 1000000, 1], expected 1 to 8 integers"),
+        (lambda c: c["vae"].update(scaling_factor=float("nan")), "vae.scaling_factor = nan, expected a positive number"),
+        (lambda c: c["vae"].update(extra=1), "unknown key vae.extra"),
+    ],
+)
+def test_config_values_are_validated_before_building(tmp_path, edit, message):
+    from tinysr_cli.errors import WeightsError
+    from tinysr_cli.weights.format import load_weights
+
+    path = _with_config(tmp_path, edit)
+    with pytest.raises(WeightsError) as raised:
+        load_weights(path)
+    assert str(raised.value).startswith(f"{path}: malformed 'config' metadata: {message}")

@@ -7,6 +7,7 @@ diffusers, training code) happen inside the command modules, so ``tinysr --help`
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import typer
@@ -79,8 +80,36 @@ def _is_usage_error(exc: Exception) -> bool:
     return callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int)
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C so that every clean-up path runs; ``signum`` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGHUP end a run the way Ctrl-C does: temporary files removed, summary printed."""
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _raise_interrupted)
+
+
+def _signal_exit_code(exc: BaseException | None) -> int:
+    while exc is not None:
+        if isinstance(exc, KeyboardInterrupt):
+            return 128 + int(getattr(exc, "signum", signal.SIGINT))
+        exc = exc.__cause__ or exc.__context__
+    return 130
+
+
 def main() -> None:
     """Run the CLI; known errors become one line on stderr and exit code 1."""
+    install_signal_handlers()
     try:
         code = app(standalone_mode=False)
     except TinySRError as exc:
@@ -88,12 +117,12 @@ def main() -> None:
         sys.exit(1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except typer.Abort:
-        console.error("aborted")
-        sys.exit(130)
-    except KeyboardInterrupt:
+    except typer.Abort as exc:  # Click turns KeyboardInterrupt into Abort
         console.error("interrupted")
-        sys.exit(130)
+        sys.exit(_signal_exit_code(exc))
+    except KeyboardInterrupt as exc:
+        console.error("interrupted")
+        sys.exit(_signal_exit_code(exc))
     except Exception as exc:  # the boundary: no traceback unless asked for
         if _is_usage_error(exc):
             exc.show()

@@ -21,6 +21,7 @@ def upscale_command(
         typer.Option("--output", "-o", help="Output file (one input) or folder. Default: next to each input."),
     ] = None,
     model: Annotated[Optional[str], typer.Option(
+            "--model", "-m", "-n",
             help="Registry name, owner/name\\[@revision]\\[/file.safetensors], hf:// URI or local .safetensors "
             "(default: the configured model, see docs/weights.md).",
             rich_help_panel=_ENGINE,
@@ -30,7 +31,12 @@ def upscale_command(
         str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.", rich_help_panel=_ENGINE)
     ] = "auto",
     tile: Annotated[
-        int, typer.Option(help="Backbone tile in latent pixels; 0 = the model's own (64 = 512 px).", rich_help_panel=_ENGINE)
+        int,
+        typer.Option(
+            "--tile", "-t",
+            help="Backbone tile side in latent pixels (1 latent pixel = 8 output pixels); 0 = the model's own (64 = 512 px).",
+            rich_help_panel=_ENGINE,
+        ),
     ] = 0,
     tile_overlap: Annotated[int, typer.Option(help="Overlap of backbone tiles, latent pixels.", rich_help_panel=_ENGINE)] = 8,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass; 0 = automatic.", rich_help_panel=_ENGINE)] = 0,
@@ -38,16 +44,22 @@ def upscale_command(
         Optional[str], typer.Option(help="adain, wavelet or none (default: the model's).", rich_help_panel=_ENGINE)
     ] = None,
     scale: Annotated[
-        Optional[float], typer.Option(help="Final scale (the model runs at 4x, then Lanczos).", rich_help_panel=_OUTPUT)
+        Optional[float],
+        typer.Option("--scale", "-s", help="Final scale, above 0 and at most 16 (the model runs at 4x, then Lanczos).", rich_help_panel=_OUTPUT),
     ] = None,
     width: Annotated[Optional[int], typer.Option(help="Final width in pixels.", rich_help_panel=_OUTPUT)] = None,
     height: Annotated[Optional[int], typer.Option(help="Final height in pixels.", rich_help_panel=_OUTPUT)] = None,
     output_format: Annotated[
-        Optional[str], typer.Option("--format", help="png, jpg, webp, tiff or bmp (default: the input's).", rich_help_panel=_OUTPUT)
+        Optional[str], typer.Option("--format", "-f", help="png, jpg, webp, tiff or bmp (default: the input's).", rich_help_panel=_OUTPUT)
     ] = None,
     quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG/WebP quality.", rich_help_panel=_OUTPUT)] = 95,
     suffix: Annotated[
-        Optional[str], typer.Option(help="Added to output names (default '_x4' beside the input, else none).", rich_help_panel=_OUTPUT)
+        Optional[str],
+        typer.Option(
+            help="Added to output names (default beside the input: '_x4', or '_x2' etc. with --scale, '_w1920' with --width; "
+            "else none).",
+            rich_help_panel=_OUTPUT,
+        ),
     ] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders, mirroring the tree.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs (default: skip them, so re-runs resume).")] = False,
@@ -63,7 +75,10 @@ def upscale_command(
             "default: Pillow's, 89478485).",
         ),
     ] = 89478485,
-    codec: Annotated[str, typer.Option(help="h264, hevc, vp9 or av1 (those this PyAV build encodes).", rich_help_panel=_VIDEO)] = "h264",
+    codec: Annotated[
+        Optional[str],
+        typer.Option(help="h264, hevc, vp9 or av1 (those this PyAV build encodes; default: vp9 for .webm, else h264).", rich_help_panel=_VIDEO),
+    ] = None,
     crf: Annotated[
         Optional[int],
         typer.Option(help="Constant quality, lower is better (default: h264 18, hevc 20, vp9 24, av1 28).", rich_help_panel=_VIDEO),
@@ -85,17 +100,24 @@ def upscale_command(
     from tinysr_cli.errors import TinySRError
     from tinysr_cli.io import video
 
-    if scale is not None and (width is not None or height is not None):
-        raise TinySRError("--scale cannot be combined with --width/--height")
+    check_options(scale=scale, width=width, height=height, tile=tile, tile_overlap=tile_overlap, batch_size=batch_size,
+                  output_format=output_format)
     try:
         engine_options = UpscaleOptions(tile=tile, tile_overlap=tile_overlap, batch_size=batch_size, color_fix=color_fix)
     except ValueError as exc:
-        raise TinySRError(str(exc)) from None
+        raise TinySRError(f"--color-fix: {exc}" if "color_fix" in str(exc) else str(exc)) from None
     plan = plan_inputs(
-        inputs, output, video_only=video_only, images_only=images_only, recursive=recursive, suffix=suffix, output_format=output_format
+        inputs,
+        output,
+        video_only=video_only,
+        images_only=images_only,
+        recursive=recursive,
+        suffix=suffix,
+        output_format=output_format,
+        default_suffix=default_suffix(scale, width, height),
     )
-    if any(input_kind(job.source) == "video" for job in plan.jobs):
-        video.check_settings(codec, crf, pix_fmt)
+    for chosen in sorted({codec or video.default_codec(job.output) for job in plan.jobs if input_kind(job.source) == "video"}):
+        video.check_settings(chosen, crf, pix_fmt)
     options = BatchOptions(
         model=model,
         device=device,
@@ -117,3 +139,50 @@ def upscale_command(
     failures = run_batch(plan, options)
     if failures:
         raise typer.Exit(1)
+
+
+OUTPUT_FORMATS = ("png", "jpg", "jpeg", "webp", "tiff", "tif", "bmp", "avif", "heic", "heif")
+MAX_SCALE = 16
+MAX_SIDE = 65535
+
+
+def check_options(
+    *, scale: float | None, width: int | None, height: int | None, tile: int, tile_overlap: int, batch_size: int,
+    output_format: str | None,
+) -> None:
+    """Refuse impossible option values before anything is loaded, naming the option."""
+    import math
+
+    from tinysr_cli.errors import TinySRError
+    from tinysr_cli.io.images import FORMATS
+
+    if scale is not None and (width is not None or height is not None):
+        raise TinySRError("--scale cannot be combined with --width/--height")
+    if scale is not None and not (math.isfinite(scale) and 0 < scale <= MAX_SCALE):
+        raise TinySRError(f"--scale {scale:g}: must be above 0 and at most {MAX_SCALE}")
+    for name, value in (("--width", width), ("--height", height)):
+        if value is not None and not 1 <= value <= MAX_SIDE:
+            raise TinySRError(f"{name} {value}: must be between 1 and {MAX_SIDE} pixels")
+    if tile < 0:
+        raise TinySRError(f"--tile {tile}: must be 0 (the model's own) or a positive number of latent pixels")
+    if tile_overlap < 0:
+        raise TinySRError(f"--tile-overlap {tile_overlap}: must be 0 or more latent pixels")
+    if tile and tile_overlap >= tile:
+        raise TinySRError(f"--tile-overlap {tile_overlap}: must be smaller than --tile {tile}")
+    if batch_size < 0:
+        raise TinySRError(f"--batch-size {batch_size}: must be 0 (automatic) or more")
+    if output_format is not None:
+        usable = [name for name in OUTPUT_FORMATS if name in FORMATS]
+        if output_format.lower() not in usable:
+            raise TinySRError(f"--format {output_format}: unknown output format", hint=f"choose from {', '.join(usable)}")
+
+
+def default_suffix(scale: float | None, width: int | None, height: int | None) -> str:
+    """The name suffix beside the input: what the output's size is, relative to the input's."""
+    if width and height:
+        return f"_{width}x{height}"
+    if width:
+        return f"_w{width}"
+    if height:
+        return f"_h{height}"
+    return f"_x{scale:g}" if scale is not None else "_x4"

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import functools
+import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +15,9 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from tinysr_cli.cli import console
 from tinysr_cli.engine.device import resolve_device, resolve_precision
@@ -52,7 +58,7 @@ class BatchOptions:
     quiet: bool
     strip_metadata: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
-    codec: str = "h264"
+    codec: str | None = None  # None: video.default_codec of each output
     crf: int | None = None
     pix_fmt: str | None = None
     keep_partial: bool = False
@@ -69,9 +75,22 @@ def input_kind(path: Path) -> str | None:
     return None
 
 
+def _audio_only(path: Path) -> bool:
+    """A container PyAV opens that holds audio but no moving picture (a podcast saved as .mp4)."""
+    if video.av is None or not path.is_file():
+        return False
+    try:
+        container = video.av.open(str(path), metadata_errors="ignore")
+    except (video.av.FFmpegError, OSError, ValueError):
+        return False
+    with container:
+        return video._main_video_stream(container) is None and any(s.type == "audio" for s in container.streams)
+
+
 def plan_inputs(inputs: list[str], output: Path | None, *, video_only: bool, images_only: bool, **naming) -> Plan:
     """`plan_jobs` for images and videos (videos keep a container we write); the filters apply to
-    every input, named ones too (a shell glob arrives as names)."""
+    every input, named ones too (a shell glob arrives as names). Our own earlier outputs found by
+    a scan are left out; containers with audio but no picture are skipped with a note."""
     if video_only and images_only:
         raise TinySRError("--video-only and --images-only exclude each other")
     wanted = {"video"} if video_only else {"image"} if images_only else {"image", "video"}
@@ -82,13 +101,19 @@ def plan_inputs(inputs: list[str], output: Path | None, *, video_only: bool, ima
         accept=lambda path: input_kind(path) in wanted,
         suffix_for=lambda path: video.output_suffix(path) if input_kind(path) == "video" else None,
         skip_note=note,
+        exclude_products=True,
         **naming,
     )
-    if not (video_only or images_only):
-        return plan
-    kept = [job for job in plan.jobs if input_kind(job.source) in wanted]
-    dropped = [(job.source, note) for job in plan.jobs if input_kind(job.source) not in wanted]
-    return Plan(kept, plan.skipped + dropped)
+    kept, dropped = [], list(plan.skipped)
+    for job in plan.jobs:
+        kind = input_kind(job.source)
+        if kind not in wanted:
+            dropped.append((job.source, note))
+        elif kind == "video" and _audio_only(job.source):
+            dropped.append((job.source, "audio only, no video stream"))
+        else:
+            kept.append(job)
+    return Plan(kept, dropped, plan.failed)
 
 
 def load_upscaler(options: BatchOptions) -> Upscaler | PixelUpscaler:
@@ -144,26 +169,46 @@ def upscale_pixels(
     return rgb, resample(upscale_alpha(image.alpha), size)
 
 
-def check_memory(job: Job, info: ImageInfo, upscaler: Upscaler, animated: bool) -> None:
+def check_memory(job: Job, info: ImageInfo, upscaler: Upscaler, animated: bool, options: BatchOptions | None = None) -> None:
     """Refuse up front, with the numbers, a job that cannot fit in the memory available now."""
     needed = upscaler.memory_needed(info.height, info.width)
+    final_height, final_width = final_size(info.height, info.width, options) if options else (info.height * UPSCALE, info.width * UPSCALE)
+    if (final_height, final_width) != (info.height * UPSCALE, info.width * UPSCALE):  # 4x is counted already
+        needed += final_height * final_width * 3 * 4 * 2  # the resampled float canvas and its copy
     if animated:  # every upscaled frame is kept (8-bit RGBA) until the file is written
-        needed += info.frames * info.height * info.width * UPSCALE * UPSCALE * 4
+        needed += info.frames * final_height * final_width * 4
     available = available_memory()
     if available is not None and needed > available:
+        work_height, work_width = upscaler.work_size(info.height, info.width)
+        enlarged = (
+            f" (its short side is under {upscaler.min_lr_side} px, so it is enlarged to {work_width}x{work_height} first)"
+            if (work_height, work_width) != (info.height, info.width)
+            else ""
+        )
         raise TinySRError(
-            f"{job.source}: {info.width}x{info.height} needs about {needed / 1e9:.1f} GB of memory to upscale, "
+            f"{job.source}: {info.width}x{info.height} needs about {needed / 1e9:.1f} GB of memory to upscale{enlarged}, "
             f"{available / 1e9:.1f} GB is available",
-            hint="split the image into parts, or free memory",
+            hint="pad the short side to at least 128 px, or split the image into parts" if enlarged else "split the image into parts, or free memory",
         )
 
 
-def _claim_output(job: Job, output: Path, options: BatchOptions) -> bool:
-    """Whether ``output`` (``job.output`` or its format switch) may be written; never the input itself."""
+def _input_conflict(job: Job, output: Path, inputs: frozenset[Path]) -> str | None:
+    """The message if ``output`` is this job's input or any other input of the run, else None."""
+    key = output.resolve()
+    if key == job.source.resolve():
+        return f"{job.source}: the output path is the input file"
+    if key in inputs:
+        return f"{job.source}: the output {output} is an input of this run"
+    return None
+
+
+def _claim_output(job: Job, output: Path, options: BatchOptions, inputs: frozenset[Path] = frozenset()) -> bool:
+    """Whether ``output`` (``job.output`` or its format switch) may be written; never an input of the run."""
     if output == job.output:
         return True
-    if output.resolve() == job.source.resolve():
-        raise TinySRError(f"{job.source}: the output path is the input file (after switching to {output.suffix})")
+    conflict = _input_conflict(job, output, inputs | {job.source.resolve()})
+    if conflict:
+        raise TinySRError(f"{conflict} (after switching to {output.suffix})")
     if output.exists() and not options.overwrite:
         if not options.quiet:
             console.note(f"skipped {job.source}: {output} exists (use --overwrite)")
@@ -171,11 +216,13 @@ def _claim_output(job: Job, output: Path, options: BatchOptions) -> bool:
     return True
 
 
-def process_image(upscaler: Upscaler, job: Job, options: BatchOptions, progress) -> Path | None:
+def process_image(
+    upscaler: Upscaler, job: Job, options: BatchOptions, progress, inputs: frozenset[Path] = frozenset()
+) -> Path | None:
     """Upscale one file; returns the path written (its format may have switched), None if skipped."""
     info = probe_image(job.source, max_pixels=options.max_pixels)
     animated = info.frames > 1 and job.source.suffix.lower() in ANIMATION_SUFFIXES
-    check_memory(job, info, upscaler, animated)
+    check_memory(job, info, upscaler, animated, options)
     if animated:
         animation = load_animation(job.source, max_pixels=options.max_pixels)
         output, warnings = plan_animation_output(job.output)
@@ -192,7 +239,7 @@ def process_image(upscaler: Upscaler, job: Job, options: BatchOptions, progress)
         frames, metadata = [image], image.metadata
         if info.frames > 1:
             warnings.append(f"{job.source.name}: only the first of its {info.frames} pages is upscaled")
-    if not _claim_output(job, output, options):
+    if not _claim_output(job, output, options, inputs):
         return None
     metadata = {} if options.strip_metadata else metadata
     size = final_size(*frames[0].size, options)
@@ -229,20 +276,21 @@ def process_video(upscaler: Upscaler, job: Job, options: BatchOptions, bar: Prog
             job.source,
             job.output,
             upscaler.upscale_batch,
-            codec=options.codec,
+            codec=options.codec or video.default_codec(job.output),
             crf=options.crf,
             pix_fmt=options.pix_fmt,
             keep_partial=options.keep_partial,
             batch_size=1 if upscaler.device.type == "cpu" else video.DEFAULT_BATCH_SIZE,
             progress=on_progress,
         )
-    except TinySRError:
+    except (TinySRError, KeyboardInterrupt):
         partial = video.partial_path(job.output)
         if options.keep_partial and partial.exists() and not options.quiet:
             console.note(f"kept the part written so far in {partial}")
         raise
     finally:
         bar.remove_task(task)
+    video.partial_path(job.output).unlink(missing_ok=True)  # an older run's part: the whole video is here now
     if not options.quiet:
         for note in result.notes:
             console.note(f"{job.source.name}: {note}")
@@ -250,19 +298,28 @@ def process_video(upscaler: Upscaler, job: Job, options: BatchOptions, bar: Prog
 
 
 def run_batch(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
-    """Process every job; returns the failures as (input, message). Results go to stdout."""
+    """Process every job; returns the failures as (input, message). Results go to stdout.
+
+    Ctrl-C (and SIGTERM/SIGHUP, turned into KeyboardInterrupt by the CLI) stops the batch with a
+    line saying how far it got and the partial summary, then exits 128 + the signal number.
+    """
     failures: list[tuple[Path, str]] = []
     done = skipped = 0
     if not options.quiet:
         for path, reason in plan.skipped:
             console.note(f"skipped {path}: {reason}")
+    for path, message in plan.failed:
+        failures.append((path, message))
+        console.error(message)
+    inputs = frozenset(job.source.resolve() for job in plan.jobs)
     pending = []
     claimed: dict[Path, Path] = {}
     for job in plan.jobs:
         key = job.output.resolve()
-        if key == job.source.resolve():
-            failures.append((job.source, f"{job.source}: the output path is the input file"))
-            console.error(failures[-1][1])
+        conflict = _input_conflict(job, job.output, inputs)
+        if conflict:
+            failures.append((job.source, conflict))
+            console.error(conflict)
         elif key in claimed:
             failures.append((job.source, f"{job.source}: output {job.output} is also the output of {claimed[key]}"))
             console.error(failures[-1][1])
@@ -273,49 +330,126 @@ def run_batch(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
         else:
             claimed[key] = job.source
             pending.append(job)
+    if not plan.jobs and not plan.failed:
+        raise TinySRError("nothing to upscale: no image or video among the inputs")
 
-    upscaler = load_upscaler(options) if pending else None
-    columns = [
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=console.stderr, disable=options.quiet, transient=True) as bar:
-        files_task = bar.add_task("files", total=len(pending))
-        tiles_task = bar.add_task("tiles", total=None)
+    def summary() -> None:
+        if not options.quiet or failures:
+            console.note(f"{done} upscaled, {skipped} skipped, {len(failures)} failed")
+        for path, _ in failures:
+            console.note(f"  failed: {path}")
 
-        def on_progress(stage: str, current: int, total: int) -> None:
-            bar.update(tiles_task, completed=current, total=total)
+    failed_before, skipped_before = len(failures), skipped
+    try:
+        upscaler = _load(options) if pending else None
+        columns = [
+            TextColumn("{task.description}", style="bold"),
+            BarColumn(bar_width=20),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            _EtaColumn(),
+        ]
+        # Progress only on a terminal (logs get the result and summary lines, not bar redraws).
+        show = not options.quiet and console.stderr.is_terminal
+        with Progress(*columns, console=console.stderr, disable=not show, transient=True) as bar:
+            files_task = bar.add_task("files", total=len(pending), eta=None)
+            tiles_task = bar.add_task("", total=None, visible=False)
+            batch_started = time.perf_counter()
 
-        for job in pending:
-            bar.update(files_task, description=f"files ({job.source.name})")
-            started = time.perf_counter()
-            try:
-                if input_kind(job.source) == "video":
-                    written = process_video(upscaler, job, options, bar)
+            def on_progress(stage: str, current: int, total: int) -> None:
+                # The engine reports backbone tiles; before the first report it encodes, after the last it decodes.
+                label = "decode (VAE)" if total and current >= total else "backbone tiles"
+                bar.update(tiles_task, completed=current, total=total, description=label, visible=True)
+
+            def result_line(text: str) -> None:
+                if show and console.stdout.is_terminal:  # one terminal: printed above the bars, not through them
+                    bar.console.print(text, markup=False, highlight=False)
                 else:
-                    written = process_image(upscaler, job, options, on_progress)
-            except TinySRError as exc:
-                failures.append((job.source, str(exc)))
-                console.error(str(exc), hint=exc.hint)
-            except (OSError, ValueError, RuntimeError, MemoryError) as exc:
-                message = f"{job.source}: {type(exc).__name__}: {exc}"
-                failures.append((job.source, message))
-                console.error(message)
-            else:
-                if written is None:
-                    skipped += 1
-                else:
-                    done += 1
-                    console.stdout.print(str(written), markup=False)
-                    if not options.quiet:
-                        console.note(f"{job.source} -> {written} ({time.perf_counter() - started:.1f} s)")
-            bar.advance(files_task)
+                    console.stdout.print(text, markup=False)
 
-    if not options.quiet or failures:
-        console.note(f"{done} upscaled, {skipped} skipped, {len(failures)} failed")
-    for path, _ in failures:
-        console.note(f"  failed: {path}")
+            for index, job in enumerate(pending):
+                bar.update(files_task, description=f"files {_short(job.source.name, 20)}")
+                bar.reset(tiles_task, total=None, description="encode (VAE)", visible=input_kind(job.source) != "video")
+                started = time.perf_counter()
+                try:
+                    with _library_warnings(job.source, options.quiet):
+                        if input_kind(job.source) == "video":
+                            written = process_video(upscaler, job, options, bar)
+                        else:
+                            written = process_image(upscaler, job, options, on_progress, inputs)
+                except TinySRError as exc:
+                    # Messages name their file already; the engine's (NaN/inf) get the input's name.
+                    named = str(exc).startswith((str(job.source), str(job.output.parent), "/"))
+                    message = str(exc) if named else f"{job.source}: {exc}"
+                    failures.append((job.source, message))
+                    console.error(message, hint=exc.hint)
+                except Exception as exc:  # one bad file never stops the batch
+                    message = f"{job.source}: {type(exc).__name__}: {exc}"
+                    failures.append((job.source, message))
+                    console.error(message)
+                else:
+                    if written is None:
+                        skipped += 1
+                    else:
+                        done += 1
+                        result_line(str(written))
+                        if not options.quiet:
+                            console.note(f"{job.source} -> {written} ({time.perf_counter() - started:.1f} s)")
+                finished = index + 1
+                elapsed = time.perf_counter() - batch_started
+                bar.update(files_task, advance=1, eta=elapsed / finished * (len(pending) - finished))
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        left = len(pending) - done - (len(failures) - failed_before) - (skipped - skipped_before)
+        console.note(f"interrupted: {done} done, {left} left; run the same command to resume")
+        summary()
+        raise typer.Exit(128 + int(signum)) from None
+
+    summary()
     return failures
+
+
+@contextlib.contextmanager
+def _library_warnings(source: Path, quiet: bool):
+    """Python warnings raised while one file is processed (Pillow's "Corrupt EXIF data", a damaged
+    ICC profile) become one ``Warning: FILE: ...`` line each, instead of library noise without a name."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            if not quiet:
+                seen = set()
+                for item in caught:
+                    text = " ".join(str(item.message).split())
+                    if text not in seen:
+                        seen.add(text)
+                        console.warn(f"{source}: {text}")
+
+
+class _EtaColumn(ProgressColumn):
+    """Time left: the batch's from the mean time per finished file; other rows' from Rich's estimate."""
+
+    def render(self, task) -> Text:
+        eta = task.fields["eta"] if "eta" in task.fields else task.time_remaining
+        if eta is None:
+            return Text("ETA -:--:--", style="progress.remaining")
+        return Text(f"ETA {datetime.timedelta(seconds=int(eta))}", style="progress.remaining")
+
+
+def _short(name: str, width: int) -> str:
+    """A file name cut in the middle to ``width`` characters, so the bars fit 80 columns."""
+    return name if len(name) <= width else name[: width // 2 - 1] + "…" + name[-(width - width // 2):]
+
+
+def _load(options: BatchOptions) -> Upscaler:
+    """``load_upscaler``, with the engine's tile complaints naming the options."""
+    try:
+        return load_upscaler(options)
+    except ValueError as exc:
+        if "tile" in str(exc):
+            raise TinySRError(
+                f"--tile {options.engine.tile} / --tile-overlap {options.engine.tile_overlap}: {exc}"
+            ) from None
+        raise
+

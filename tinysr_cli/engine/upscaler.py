@@ -91,8 +91,21 @@ class Upscaler:
         self.batch_size = options.batch_size or (1 if self.device.type == "cpu" else 8)
 
     def memory_needed(self, height: int, width: int) -> int:
-        """Bytes of CPU memory one [3, height, width] image needs: canvases, colour fix, resampling, saving."""
-        return height * width * UPSCALE * UPSCALE * CPU_BYTES_PER_OUTPUT_PIXEL
+        """Bytes of CPU memory one [3, height, width] image needs: canvases, colour fix, resampling, saving.
+
+        Counted at the size actually processed: an input whose short side is under the model's
+        minimum is enlarged first, so a 1 x 20000 strip costs what a 128 x 2560000 image does.
+        """
+        work_height, work_width = self.work_size(height, width)
+        return work_height * work_width * UPSCALE * UPSCALE * CPU_BYTES_PER_OUTPUT_PIXEL
+
+    def work_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) the model runs at: the input's, or its enlargement when a side is too short."""
+        short = min(height, width)
+        if short >= self.min_lr_side:
+            return height, width
+        factor = self.min_lr_side / short
+        return max(self.min_lr_side, math.ceil(height * factor)), max(self.min_lr_side, math.ceil(width * factor))
 
     @torch.inference_mode()
     def upscale(self, image: torch.Tensor, progress: ProgressCallback | None = None) -> torch.Tensor:
@@ -118,12 +131,9 @@ class Upscaler:
 
     def _enlarge_small(self, images: torch.Tensor) -> torch.Tensor:
         """Inputs whose short side is below the model's minimum are enlarged to it (bicubic)."""
-        height, width = images.shape[-2:]
-        short = min(height, width)
-        if short >= self.min_lr_side:
+        size = self.work_size(*images.shape[-2:])
+        if size == tuple(images.shape[-2:]):
             return images
-        factor = self.min_lr_side / short
-        size = (max(self.min_lr_side, math.ceil(height * factor)), max(self.min_lr_side, math.ceil(width * factor)))
         return F.interpolate(images, size=size, mode="bicubic", align_corners=False)
 
     def _restore(self, pixels: torch.Tensor, progress: ProgressCallback | None) -> torch.Tensor:
@@ -156,8 +166,18 @@ class Upscaler:
         return self._run_vae(self.model.vae.decode, latent)
 
     def _run_vae(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
-        return fn(x).to("cpu", torch.float32).contiguous()
+        """A VAE half on one tile; non-finite output is retried in fp32 (as for the backbone), then an error."""
+        out = fn(x.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last))
+        if not bool(torch.isfinite(out).all()) and self.dtype != torch.float32:
+            vae = copy.deepcopy(self.model.vae).float()
+            out = getattr(vae, fn.__name__)(x.to(self.device, torch.float32).contiguous(memory_format=torch.channels_last))
+        if not bool(torch.isfinite(out).all()):
+            part = "decoder" if fn.__name__ == "decode" else "encoder"
+            raise TinySRError(
+                f"the model's VAE {part} produced NaN/inf values even in fp32",
+                hint="the weights may be corrupt: check them with `tinysr weights verify`",
+            )
+        return out.to("cpu", torch.float32).contiguous()
 
     def _velocity(self, latent: torch.Tensor, progress: ProgressCallback | None) -> torch.Tensor:
         """Backbone velocity over overlapping tiles, blended with normalised Gaussian weights."""

@@ -9,12 +9,12 @@ is atomic (a temporary file in the target folder, renamed when complete).
 
 from __future__ import annotations
 
-import glob
 import io
 import re
 import stat
 import struct
 import threading
+import warnings
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageCms, ImageOps, PngImagePlugin, UnidentifiedImageError, features
 
-from tinysr_cli.atomic import atomic_path
+from tinysr_cli.atomic import atomic_path, remove_stale_temporaries
 from tinysr_cli.errors import InputError, TinySRError
 
 try:  # AVIF/HEIC through the optional pillow-heif plugin (extra "heif")
@@ -49,6 +49,10 @@ if _HEIF:
     _PIL_FORMAT.update({".heic": "HEIF", ".heif": "HEIF"})
     FORMATS.update({"heic": ".heic", "heif": ".heif"})
 IMAGE_SUFFIXES = set(_PIL_FORMAT)
+# The only decoders Pillow may use on an input, whatever its name says: those of the formats we list
+# (JPEG's opener also returns a camera's multi-picture MPO). Others are never tried, in particular
+# EPS, which Pillow hands to Ghostscript, an external interpreter.
+DECODERS = tuple(sorted(set(_PIL_FORMAT.values())))
 ALPHA_SUFFIXES = {".png", ".webp", ".tif", ".tiff", ".gif", ".avif", ".heic", ".heif"} & IMAGE_SUFFIXES
 HIGH_DEPTH_SUFFIXES = {".png", ".tif", ".tiff"}  # where 16-bit samples are written as 16-bit
 _QUALITY_SUFFIXES = {".jpg", ".jpeg", ".webp", ".avif", ".heic", ".heif"}
@@ -124,7 +128,7 @@ def open_image(path: Path, max_pixels: int) -> Iterator[Image.Image]:
         with _PILLOW_GUARD:
             saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
             try:
-                with Image.open(path) as image:
+                with Image.open(path, formats=DECODERS) as image:
                     width, height = image.size
                     if width * height > max_pixels:
                         raise InputError(
@@ -153,7 +157,7 @@ def _unidentified(path: Path) -> str:
         samples = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
         if samples is not None and samples.dtype.kind == "f":
             return f"{path}: floating-point colour TIFF is not supported (floating-point grayscale is)"
-    return f"{path}: not an image file (or a format Pillow cannot read)"
+    return f"{path}: not an image file (or not one of the formats tinysr reads: {', '.join(sorted(IMAGE_SUFFIXES))})"
 
 
 def _check_regular_file(path: Path) -> None:
@@ -295,8 +299,13 @@ def _is_grayscale_file(path: Path, image: Image.Image) -> bool:
 def read_metadata(image: Image.Image) -> dict:
     """ICC profile, EXIF (orientation reset to 1, since pixels are stored upright) and XMP, as bytes."""
     metadata: dict = {}
-    if image.info.get("icc_profile"):
-        metadata["icc_profile"] = image.info["icc_profile"]
+    icc = image.info.get("icc_profile")
+    if icc:
+        try:
+            ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            metadata["icc_profile"] = icc
+        except (ImageCms.PyCMSError, OSError, TypeError, ValueError):
+            warnings.warn(f"its ICC profile ({len(icc)} bytes) is damaged and is not copied to the output", stacklevel=2)
     exif = Image.Exif()
     exif.load(image.getexif().tobytes())  # a copy: the image's own EXIF still drives exif_transpose
     if image.format == "TIFF":  # a TIFF's "EXIF" is its own IFD: keep the descriptive tags only
@@ -425,13 +434,12 @@ def save_image(
 
 
 def prepare_output_folder(path: Path) -> None:
-    """Create the output folder; remove temporaries of ``path`` left by a killed run (they are ours)."""
+    """Create the output folder; remove temporaries left there by runs that have ended (killed)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise TinySRError(f"{path}: cannot create the output folder {path.parent} ({exc.strerror or exc})") from None
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.part"):
-        stale.unlink(missing_ok=True)
+    remove_stale_temporaries(path.parent)
 
 
 def _pillow_metadata(suffix: str, metadata: dict) -> dict:

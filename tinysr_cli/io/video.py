@@ -134,6 +134,11 @@ def output_suffix(source: Path) -> str:
     return suffix if suffix in CONTAINERS else FALLBACK_SUFFIX
 
 
+def default_codec(output: Path) -> str:
+    """The codec when the user names none: VP9 for WebM (which cannot hold H.264), else H.264."""
+    return "vp9" if output.suffix.lower() == ".webm" else "h264"
+
+
 def partial_path(output: Path) -> Path:
     """Where ``--keep-partial`` leaves the playable prefix of an interrupted or failed video."""
     return output.with_name(f"{output.stem}.partial{output.suffix}")

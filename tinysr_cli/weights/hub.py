@@ -23,6 +23,7 @@ checked. Pickled checkpoints are refused; nothing here unpickles anything.
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import os
 import re
@@ -222,6 +223,9 @@ def _download(source: HubFile, progress: bool) -> Path:
 
     label, repo = source.label, source.repo_id
     hint = ways_out() if source.entry is not None else "check the repo id and revision. Otherwise: " + ways_out()
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its retry lines; the outcome is said once, below
     try:
         return Path(
             hf_hub_download(
@@ -259,6 +263,8 @@ def _download(source: HubFile, progress: bool) -> Path:
             f"{label}: the download did not complete ({reason}); nothing was kept",
             hint="run the command again to retry; " + ways_out(),
         ) from None
+    finally:
+        hub_logger.setLevel(level)
 
 
 def cached_path(source: HubFile) -> Path | None:

@@ -90,7 +90,13 @@ def load_registry() -> Registry:
 
     path = config_path()
     if path.is_file():
-        user = _parse_toml(path.read_text(encoding="utf-8"), str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise WeightsError(f"{path}: not UTF-8 text (byte {exc.start}), TOML files must be UTF-8") from None
+        except OSError as exc:
+            raise WeightsError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        user = _parse_toml(text, str(path))
         unknown = sorted(set(user) - {"model", "models"})
         if unknown:
             raise WeightsError(f"{path}: unknown setting {unknown[0]!r}", hint="the config file knows `model` and [models.NAME] tables")
