@@ -69,7 +69,7 @@ def _poison(module: torch.nn.Module) -> None:
         next(module.parameters()).view(-1)[0] = float("nan")
 
 
-def test_vae_nan_in_bf16_is_recomputed_in_fp32_from_the_original_weights(tiny_model, image):
+def test_vae_nan_in_bf16_is_recomputed_in_fp32_from_the_original_weights(tiny_model):
     upscaler = Upscaler(copy.deepcopy(tiny_model), dtype=torch.bfloat16)
     _poison(upscaler.model.vae.decoder)
     latent = torch.randn(1, 16, 32, 40, generator=torch.Generator().manual_seed(0))
@@ -79,8 +79,6 @@ def test_vae_nan_in_bf16_is_recomputed_in_fp32_from_the_original_weights(tiny_mo
         expected = tiny_model.vae.decode(latent)  # the fp32 original, not a bf16-rounded copy
     assert (decoded - expected).abs().max() < 1e-5
     assert list(upscaler._vae_retry) == [torch.float32]
-    out = upscaler.upscale(image)
-    assert out.shape == (3, 512, 640) and torch.isfinite(out).all()
 
 
 def test_vae_nan_in_fp32_is_a_clear_error(tiny_model, image):
