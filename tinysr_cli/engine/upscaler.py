@@ -106,22 +106,28 @@ class Upscaler:
         self.min_lr_side = config.min_lr_side
         self.encoder_context = math.ceil(encoder_receptive_radius(self.model.vae.encoder))
         self.decoder_context = math.ceil(decoder_receptive_radius(self.model.vae.decoder))
-        self.batch_size = options.batch_size or self.tiles_per_pass(1)
+        # On CUDA the automatic batch is chosen once, from the memory free now (with the model loaded):
+        # a batch that changed from call to call would change GEMM shapes, and with them the rounding.
+        self._auto_tiles = 1 if self.device.type == "cpu" else 8
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            per_tile = backbone_bytes_per_tile(config.transformer, self.tile, dtype)
+            self._auto_tiles = choose_batch_size(free, per_tile)
+        self.batch_size = options.batch_size or self._auto_tiles
         self._compiled = _compile_backbone(self.model.transformer, options.compile)
 
     def tiles_per_pass(self, frames: int) -> int:
         """Backbone tiles per forward pass for ``frames`` images at once (each tile carries every frame).
 
-        An explicit ``batch_size`` is kept. Otherwise 1 on the CPU, 8 on MPS, and on CUDA as many
-        as the device's free memory allows right now (``choose_batch_size``), divided among the frames.
+        An explicit ``batch_size`` is kept. Otherwise 1 on the CPU, 8 on MPS, and on CUDA as many as
+        the device's free memory allowed when the upscaler was made (``choose_batch_size``), shared
+        among the frames.
         """
         if self.options.batch_size:
             return self.options.batch_size
         if self.device.type != "cuda":
-            return 1 if self.device.type == "cpu" else 8
-        free, _ = torch.cuda.mem_get_info(self.device)
-        per_tile = backbone_bytes_per_tile(self.model.config.transformer, self.tile, self.dtype)
-        return max(1, choose_batch_size(free, per_tile) // max(1, frames))
+            return self._auto_tiles
+        return max(1, self._auto_tiles // max(1, frames))
 
     def memory_needed(self, height: int, width: int) -> int:
         """Bytes of CPU memory one [3, height, width] image needs: canvases, colour fix, resampling, saving."""
