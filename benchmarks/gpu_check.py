@@ -8,12 +8,14 @@ short still leaves a report) and OUT_DIR/cuda_tests.xml (pytest's JUnit report).
 time-boxed and wrapped so that a failing part is recorded and the rest still runs:
 
 1. tests        the suite's CUDA-marked tests (tests/test_cuda.py), in a pytest subprocess
-2. side_by_side one 512x512 output in fp16, batch 1 and the best batch: our engine (eager,
-                torch.compile, CUDA graphs), the official-style pipeline, the TSD-SR architecture,
+2. side_by_side one 512x512 output in fp16, batch 1 and the best batch: our engine (eager;
+                compiled in part 6), the official-style pipeline, the TSD-SR architecture,
                 Real-ESRGAN x4plus and SPAN; latency, images/s, peak device memory
 3. large_image  a 4000x3000 input (16000x12000 output): wall time and peak device memory
 4. video        960x540 -> 3840x2160, 30 frames of a synthetic clip, through the product's video path
 5. roofline     the backbone's achieved TFLOP/s against the device's dense fp16 peak
+6. compiled     part 2's rows for our engine through torch.compile and CUDA graphs (last: compiling
+                is the slowest step, so it cannot crowd out the other parts)
 
 Models have random weights of the real (full) architecture: speed does not depend on the values.
 Needs only the standard library and the package (plus diffusers for TSD-SR, spandrel and
@@ -49,6 +51,7 @@ PAPER_V100_MS = {"tinysr": 26, "tsdsr-architecture": 147}  # the paper's 512x512
 PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("V100", 125.0))
 LARGE_GOAL_GIB = 8
 VIDEO_GOAL_FPS = 8
+PARTS = ("tests", "side_by_side", "large_image", "video", "roofline", "compiled")
 
 
 @dataclass(frozen=True)
@@ -71,12 +74,12 @@ class Scale:
 GPU = Scale(
     dry=False, size=512, batches=(1, 2, 4, 8, 16, 32), runs=10, large=(4000, 3000), video=(960, 540), video_frames=30,
     roofline_batch=16, compile_modes=("inductor", "cudagraphs"),
-    boxes={"tests": 150, "side_by_side": 170, "large_image": 70, "video": 50, "roofline": 25}, budget_s=475,
+    boxes={"tests": 150, "side_by_side": 100, "large_image": 70, "video": 50, "roofline": 20, "compiled": 80}, budget_s=475,
 )
 DRY = Scale(
     dry=True, size=128, batches=(1, 2), runs=1, large=(160, 120), video=(64, 48), video_frames=3,
     roofline_batch=2, compile_modes=("dynamo-eager", "cudagraphs"),
-    boxes={"tests": 60, "side_by_side": 60, "large_image": 30, "video": 30, "roofline": 15}, budget_s=170,
+    boxes={"tests": 60, "side_by_side": 60, "large_image": 30, "video": 30, "roofline": 15, "compiled": 30}, budget_s=200,
 )
 
 
@@ -199,7 +202,9 @@ def _sweep(row: dict, call, make_input, batches, device, runs: int, box: Box) ->
                 row["batch1_ms"], row["batch1_images_per_s"] = round(seconds * 1000, 2), round(rate, 2)
             if row["best_images_per_s"] is None or rate > row["best_images_per_s"]:
                 row["best_batch"], row["best_images_per_s"] = batch, round(rate, 2)
-    row["peak_device_mib"], row["peak_host_mib"] = peak["device_mib"], peak["host_mib"]
+    for key, value in (("peak_device_mib", peak["device_mib"]), ("peak_host_mib", peak["host_mib"])):
+        if value is not None:
+            row[key] = max(row[key] or 0, value)
 
 
 def part_tests(scale: Scale, device, out: Path, box: Box) -> dict:
@@ -301,23 +306,53 @@ def part_side_by_side(scale: Scale, device, out: Path, box: Box) -> dict:
 
         attempt(_row(name, "random weights of the real architecture (spandrel)"), peer)
 
-    for mode in scale.compile_modes:
-        def compiled(row: dict, mode=mode) -> None:
-            if mode == "cudagraphs" and device.type != "cuda":
-                row["status"], row["note"] = "skipped", "CUDA graphs need a CUDA device"
-                return
-            fast = Upscaler(ours.model, device=device, dtype=dtype, options=UpscaleOptions(compile=mode))
-            _sweep(row, fast.upscale_batch, lambda n: base[:n], pair, device, scale.runs, box)
+    return _finish_rows(result, rows[0]["batch1_ms"])
 
-        attempt(_row(f"tinysr+{mode}", f"torch.compile ({mode}), fixed tile shape"), compiled)
 
-    reference = rows[0]["batch1_ms"]
-    for row in rows:
+def _finish_rows(result: dict, reference_ms: float | None) -> dict:
+    for row in result["rows"]:
         row["paper_v100_ms"] = PAPER_V100_MS.get(row["pipeline"])
-        row["batch1_vs_tinysr"] = round(row["batch1_ms"] / reference, 2) if reference and row["batch1_ms"] else None
-    if any(row["status"] == "failed" for row in rows):
+        row["batch1_vs_tinysr"] = round(row["batch1_ms"] / reference_ms, 2) if reference_ms and row["batch1_ms"] else None
+    if any(row["status"] == "failed" for row in result["rows"]):
         result["status"] = "failed"
     return result
+
+
+def part_compiled(scale: Scale, device, out: Path, box: Box, earlier: dict) -> dict:
+    """Our engine through torch.compile and CUDA graphs: last, since compiling takes the longest.
+
+    Batch 1 for every mode first, then the eager engine's best batch (one compilation per shape).
+    """
+    import torch
+
+    from tinysr_cli.engine.upscaler import UpscaleOptions, Upscaler
+    from tinysr_cli.models.tinysr import UPSCALE
+
+    dtype = torch.float32 if scale.dry else torch.float16
+    eager = next((r for r in earlier.get("rows", []) if r["pipeline"] == "tinysr"), {})
+    best = eager.get("best_batch") or 1
+    lr = scale.size // UPSCALE
+    base = torch.rand(best, 3, lr, lr, generator=torch.Generator().manual_seed(0))
+    model = make_model(scale)
+    rows, upscalers = [], {}
+    for mode in scale.compile_modes:
+        row = _row(f"tinysr+{mode}", f"torch.compile ({mode}), fixed tile shape")
+        rows.append(row)
+        if mode == "cudagraphs" and device.type != "cuda":
+            row["status"], row["note"] = "skipped", "CUDA graphs need a CUDA device"
+            continue
+        upscalers[mode] = Upscaler(model, device=device, dtype=dtype, options=UpscaleOptions(compile=mode))
+    for batch in sorted({1, best}):
+        for row, mode in zip(rows, scale.compile_modes):
+            if mode not in upscalers or row["status"] != "ok":
+                continue
+            try:
+                _sweep(row, upscalers[mode].upscale_batch, lambda n: base[:n], (batch,), device, scale.runs, box)
+            except PartTimeout as exc:
+                row["note"] += f"; {exc}"
+            except Exception as exc:  # noqa: BLE001 - one mode's failure is recorded, the others still run
+                row["status"], row["note"] = "failed", f"{type(exc).__name__}: {exc}"[:400]
+    return _finish_rows({"status": "ok", "size": scale.size, "rows": rows}, eager.get("batch1_ms"))
 
 
 TSDSR_DRY_TRANSFORMER = dict(
@@ -479,6 +514,7 @@ def part_roofline(scale: Scale, device, out: Path, box: Box, device_name: str) -
         "achieved_tflops": round(achieved, 3),
         "peak_tflops": peak if peak is not None else "unknown",
         "share_of_peak": round(achieved / peak, 3) if peak else None,
+        "sdpa_flash_enabled": bool(torch.backends.cuda.flash_sdp_enabled()) if device.type == "cuda" else None,
         "note": "eager backbone, FLOPs from FlopCounterMode on the meta device (matmuls, convs, attention)",
     }
 
@@ -513,7 +549,7 @@ def markdown(data: dict) -> str:
             lines += ["| test | outcome | s | message |", "|---|---|---|---|"]
             lines += [f"| {t} | {r['outcome']} | {r['seconds']} | {r['message'][:120].replace('|', '/')} |" for t, r in part["tests"].items()]
             lines.append("")
-        elif name == "side_by_side" and "rows" in part:
+        elif "rows" in part:
             lines += [
                 f"One {part['size']}x{part['size']} output. Paper (V100): TinySR {PAPER_V100_MS['tinysr']} ms, "
                 f"TSD-SR {PAPER_V100_MS['tsdsr-architecture']} ms.",
@@ -562,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="folder for gpu_check.json, gpu_check.md and cuda_tests.xml")
     parser.add_argument("--dry-run-cpu", action="store_true", help="rehearse every part on the CPU with a tiny model")
-    parser.add_argument("--parts", default="tests,side_by_side,large_image,video,roofline", help="comma-separated subset")
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset, run in this order")
     args = parser.parse_args(argv)
 
     import torch
@@ -596,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         "large_image": lambda box: part_large_image(scale, device, args.out, box),
         "video": lambda box: part_video(scale, device, args.out, box),
         "roofline": lambda box: part_roofline(scale, device, args.out, box, device_name),
+        "compiled": lambda box: part_compiled(scale, device, args.out, box, report.data["parts"].get("side_by_side", {})),
     }
     chosen = [name.strip() for name in args.parts.split(",") if name.strip()]
     unknown = [name for name in chosen if name not in parts]

@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import gpu_check  # noqa: E402
 
-PARTS = ["tests", "side_by_side", "large_image", "video", "roofline"]
+PARTS = ["tests", "side_by_side", "large_image", "video", "roofline", "compiled"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
@@ -36,6 +36,7 @@ def test_dry_run_rehearses_every_part(tmp_path, one_thread):
     assert {t["outcome"] for t in tests.values()} == ({"skipped"} if not torch.cuda.is_available() else {"passed"})
 
     rows = {row["pipeline"]: row for row in report["parts"]["side_by_side"]["rows"]}
+    rows.update({row["pipeline"]: row for row in report["parts"]["compiled"]["rows"]})
     assert list(rows) == ["tinysr", "official-style", "tsdsr-architecture", "realesrgan-x4plus", "span-x4",
                           "tinysr+dynamo-eager", "tinysr+cudagraphs"]
     for name in ("tinysr", "official-style", "tsdsr-architecture", "tinysr+dynamo-eager"):
@@ -46,6 +47,7 @@ def test_dry_run_rehearses_every_part(tmp_path, one_thread):
         assert rows[name]["status"] in {"ok", "not available"}
         assert rows[name]["status"] == "not available" or rows[name]["batch1_ms"] > 0
     assert rows["tinysr+cudagraphs"]["status"] == "skipped"
+    assert rows["tinysr+dynamo-eager"]["batch1_vs_tinysr"] is not None
 
     large = report["parts"]["large_image"]
     assert large["output"] == "640x480" and large["wall_s"] > 0 and large["backbone_tiles"] > 1
