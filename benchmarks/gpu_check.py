@@ -113,8 +113,14 @@ class PartTimeout(Exception):
 class Box:
     """A part's time box: steps call ``check`` between measurements."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, publish=None) -> None:
         self.seconds, self.start = seconds, time.monotonic()
+        self._publish = publish
+
+    def publish(self, partial: dict) -> None:
+        """Write what the part has so far into the report (kept if the global budget runs out)."""
+        if self._publish is not None:
+            self._publish(partial)
 
     def left(self) -> float:
         return self.seconds - (time.monotonic() - self.start)
@@ -252,6 +258,7 @@ def part_side_by_side(scale: Scale, device, out: Path, box: Box) -> dict:
 
     def attempt(row: dict, body) -> None:
         rows.append(row)
+        box.publish(result)
         try:
             body(row)
         except PartTimeout as exc:
@@ -263,6 +270,7 @@ def part_side_by_side(scale: Scale, device, out: Path, box: Box) -> dict:
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            box.publish(result)
 
     model = make_model(scale)
     ours = Upscaler(model, device=device, dtype=dtype)
@@ -352,6 +360,7 @@ def part_compiled(scale: Scale, device, out: Path, box: Box, earlier: dict) -> d
                 row["note"] += f"; {exc}"
             except Exception as exc:  # noqa: BLE001 - one mode's failure is recorded, the others still run
                 row["status"], row["note"] = "failed", f"{type(exc).__name__}: {exc}"[:400]
+            box.publish({"size": scale.size, "rows": rows})
     return _finish_rows({"status": "ok", "size": scale.size, "rows": rows}, eager.get("batch1_ms"))
 
 
@@ -576,7 +585,7 @@ def markdown(data: dict) -> str:
 def run_part(report: Report, name: str, scale: Scale, fn) -> None:
     import torch
 
-    box = Box(scale.boxes[name])
+    box = Box(scale.boxes[name], lambda partial: report.part(name, {**partial, "status": "running"}))
     report.data["running"] = name
     start = time.monotonic()
     try:
@@ -599,11 +608,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="folder for gpu_check.json, gpu_check.md and cuda_tests.xml")
     parser.add_argument("--dry-run-cpu", action="store_true", help="rehearse every part on the CPU with a tiny model")
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset, run in this order")
+    parser.add_argument("--budget-s", type=float, default=None, help="stop the whole check after this many seconds "
+                        "(default 475 on a GPU, 200 for the dry run); the report marks the part that was running")
     args = parser.parse_args(argv)
 
     import torch
 
     scale = DRY if args.dry_run_cpu else GPU
+    if args.budget_s is not None:
+        scale = Scale(**{**scale.__dict__, "budget_s": args.budget_s})
     if not scale.dry and not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible; nothing checked (use --dry-run-cpu to rehearse on the CPU)", file=sys.stderr)
         return 2
@@ -614,14 +627,18 @@ def main(argv: list[str] | None = None) -> int:
     report.write()
 
     def out_of_time() -> None:
-        with report.lock:
-            running = report.data.pop("running", None)
-            if running:
-                report.data["parts"][running] = {"status": "timed out", "error": f"the whole check's {scale.budget_s:.0f} s budget ran out here"}
-            report.data["aborted"] = f"stopped after {scale.budget_s:.0f} s"
-            report.write()
-        print(f"gpu_check: stopped after {scale.budget_s:.0f} s (report in {args.out})", file=sys.stderr, flush=True)
-        os._exit(1)
+        try:
+            with report.lock:
+                running = report.data.pop("running", None)
+                if running:
+                    partial = dict(report.data["parts"].get(running, {}))
+                    partial.update(status="timed out", error=f"the whole check's {scale.budget_s:.0f} s budget ran out here")
+                    report.data["parts"][running] = partial
+                report.data["aborted"] = f"stopped after {scale.budget_s:.0f} s"
+                report.write()
+            print(f"gpu_check: stopped after {scale.budget_s:.0f} s (report in {args.out})", file=sys.stderr, flush=True)
+        finally:
+            os._exit(1)
 
     watchdog = threading.Timer(scale.budget_s, out_of_time)
     watchdog.daemon = True

@@ -4,6 +4,8 @@ model and tiny sizes, so the check cannot be broken by the time a GPU session ru
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -80,6 +82,22 @@ def test_a_failing_or_late_part_is_recorded_and_the_report_written(tmp_path):
     written = json.loads((tmp_path / "gpu_check.json").read_text())
     assert written["parts"]["roofline"]["status"] == "timed out" and "time box" in written["parts"]["roofline"]["error"]
     assert "## video: failed" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_the_global_budget_stops_the_check_and_marks_the_part_it_stopped(tmp_path):
+    out = tmp_path / "late"
+    done = subprocess.run(
+        [sys.executable, gpu_check.__file__, str(out), "--dry-run-cpu", "--parts", "side_by_side,roofline", "--budget-s", "1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    # side_by_side alone imports diffusers and peft and builds five pipelines: far more than a second.
+    assert done.returncode == 1 and "stopped after 1 s" in done.stderr
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["aborted"] == "stopped after 1 s" and "roofline" not in report["parts"]
+    late = report["parts"]["side_by_side"]
+    assert late["status"] == "timed out" and "budget ran out" in late["error"]
+    assert all(row["status"] in {"ok", "not available"} for row in late.get("rows", []))  # what it finished is kept
+    assert "## side_by_side: timed out" in (out / "gpu_check.md").read_text()
 
 
 def test_peak_table_by_device_name():

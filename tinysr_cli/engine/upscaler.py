@@ -95,7 +95,9 @@ class Upscaler:
             raise ValueError("compile='cudagraphs' needs a CUDA device")
         # The VAE is small (a few MB): a float32 copy stays on the CPU for the NaN/inf retry, so a
         # reduced-precision failure is recomputed from the original weights, not from rounded ones.
-        self._vae_master = copy.deepcopy(model.vae).float().eval().requires_grad_(False) if dtype != torch.float32 else None
+        self._vae_master = None
+        if dtype != torch.float32:
+            self._vae_master = copy.deepcopy(model.vae).to("cpu", torch.float32).eval().requires_grad_(False)
         self._vae_retry: dict[torch.dtype, torch.nn.Module] = {}  # retry copies on the device, made on first need
         self._vae_retry_lock = threading.Lock()
         self.model = model.to(self.device, dtype).eval().requires_grad_(False)
