@@ -27,6 +27,7 @@ or ran out of time, 2 no CUDA device (one line, at once).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -280,7 +281,7 @@ def part_side_by_side(scale: Scale, device, out: Path, box: Box) -> dict:
             _sweep(row, upscaler.upscale_batch, lambda n: base[:n], batches, device, scale.runs, box)
         return body
 
-    attempt(_row("tinysr", "eager, batch chosen from free memory"), engine(ours, scale.batches))
+    attempt(_row("tinysr", f"eager; up to {ours.batch_size} tiles x images per pass, chosen from free memory"), engine(ours, scale.batches))
     best = next((r["best_batch"] for r in rows if r["best_batch"]), 1)
     pair = tuple(sorted({1, best}))
 
@@ -595,6 +596,7 @@ def run_part(report: Report, name: str, scale: Scale, fn) -> None:
     except Exception:  # noqa: BLE001 - recorded; the next part still runs
         result = {"status": "failed", "error": traceback.format_exc()}
     finally:
+        gc.collect()  # the part's models and compiled graphs, before the next part measures memory
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     result["seconds"] = round(time.monotonic() - start, 1)
