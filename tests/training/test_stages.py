@@ -1,11 +1,14 @@
 """The training stages end to end on real photos and a tiny random teacher, with the shipped tiny recipes.
 
 A module-scoped workspace holds the teacher, four photos and copies of ``training/recipes/*-tiny.toml``;
-the pipeline vae -> restore phase 1 -> restore phase 2 -> export runs once and the tests inspect it.
+the pipeline cache -> prune -> vae -> restore phase 1 -> restore phase 2 -> export runs once, as the
+``tinysr train`` lines of docs/training.md write it, and the tests inspect it.
 """
 
 from __future__ import annotations
 
+import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -29,7 +32,7 @@ from training.teacher import load_teacher, write_random_teacher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "training" / "recipes"
-TINY = ("vae-tiny", "restore-stage1-tiny", "restore-stage2-tiny", "export-tiny")
+TINY = ("prune-tiny", "vae-tiny", "restore-stage1-tiny", "restore-stage2-tiny", "export-tiny")
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
 
@@ -45,14 +48,39 @@ def workspace(tmp_path_factory) -> Path:
     return root
 
 
+def documented_tiny_commands() -> list[list[str]]:
+    """The ``tinysr train`` lines of docs/training.md's section on the tiny recipes, in order."""
+    text = (ROOT / "docs" / "training.md").read_text()
+    section = text[text.index("## Trying it without the real weights") :]
+    block = section[section.index("```bash\n") + 8 :]
+    block = block[: block.index("```")]
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.startswith("tinysr train ")]
+
+
 @pytest.fixture(scope="module")
 def pipeline(workspace) -> dict[str, Path]:
-    """Every stage once, in order, as a user runs them."""
-    outputs = {}
-    for stage, recipe in (("vae", "vae-tiny"), ("restore", "restore-stage1-tiny"), ("restore", "restore-stage2-tiny"), ("export", "export-tiny")):
-        result = run_stage(stage, workspace / f"{recipe}.toml")
-        assert result.finished and result.output.is_file()
-        outputs[recipe] = result.output
+    """Every stage once, in the order and with the arguments docs/training.md gives (in-process CLI)."""
+    from tinysr_cli.cli.main import app
+
+    commands = documented_tiny_commands()
+    assert [c[c.index("--config") + 1] for c in commands] == [
+        "vae-tiny.toml", "prune-tiny.toml", "vae-tiny.toml", "restore-stage1-tiny.toml", "restore-stage2-tiny.toml", "export-tiny.toml"
+    ]
+    before = Path.cwd()
+    os.chdir(workspace)  # the doc runs them from the recipes' folder
+    try:
+        for command in commands:
+            app(args=[*command[1:], "--quiet"], standalone_mode=False)
+    finally:
+        os.chdir(before)
+    outputs = {
+        "prune-tiny": workspace / "runs/prune/prune_decision.json",
+        "vae-tiny": workspace / "runs/vae/vae.safetensors",
+        "restore-stage1-tiny": workspace / "runs/restore-stage1/student.safetensors",
+        "restore-stage2-tiny": workspace / "runs/restore-stage2/student.safetensors",
+        "export-tiny": workspace / "runs/tinysr-tiny.safetensors",
+    }
+    assert all(path.is_file() for path in outputs.values())
     return outputs
 
 
@@ -102,7 +130,11 @@ def test_exported_weights_upscale_a_photo_in_the_cli(workspace, pipeline):
     exported = pipeline["export-tiny"]
     model, info = load_weights(exported)
     assert info.provenance["source"] == "tinysr train"
-    assert info.provenance["kept_layers"] == [0, 2]
+    from training.prune import read_decision
+
+    decision = read_decision(pipeline["prune-tiny"])
+    assert decision.num_layers == 4 and info.provenance["kept_layers"] == list(decision.kept_layers)
+    assert decision.details["recipe"]["data"]["recipe"] == "vae-tiny.toml"  # the shared cache, no placeholder
     assert info.provenance["student"]["step"] == 4 and info.provenance["student"]["phase"] == 2
     assert info.provenance["vae"]["step"] == 6
     assert info.provenance["recipe"]["export"]["dtype"] == "fp32"
@@ -133,7 +165,7 @@ def test_export_refuses_to_replace_a_file(workspace, pipeline):
         ),
     ],
 )
-def test_loss_falls_on_a_fixed_batch(workspace, recipe, overrides, limits):
+def test_loss_falls_on_a_fixed_batch(workspace, pipeline, recipe, overrides, limits):
     replacements = {"samples = 8": "samples = 4", **overrides, 'output_dir = "runs/': 'output_dir = "runs/overfit-'}
     path = _variant(workspace, recipe, f"{recipe}-overfit", replacements)
     result = run_stage(load_recipe(path).stage, path)
@@ -193,7 +225,7 @@ def test_restore_reads_the_pruning_decision(workspace, pipeline):
     from training.student import load_student
 
     write_decision(PruneDecision("tinysr", 4, (1, 3)), workspace / "decision.json")
-    replacements = {"kept_layers = [0, 2]": 'kept_layers = "decision.json"', "steps = 6": "steps = 1", 'output_dir = "runs/': 'output_dir = "runs/decided-'}
+    replacements = {'kept_layers = "runs/prune/prune_decision.json"': 'kept_layers = "decision.json"', "steps = 6": "steps = 1", 'output_dir = "runs/': 'output_dir = "runs/decided-'}
     result = run_stage("restore", _variant(workspace, "restore-stage1-tiny", "decided", replacements))
     _, info = load_student(result.output)
     assert info.kept_layers == (1, 3) and info.config.num_layers == 2

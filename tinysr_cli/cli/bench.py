@@ -1,4 +1,4 @@
-"""`tinysr bench`: our engine vs the official-style pipeline vs the TSD-SR architecture."""
+"""`tinysr bench`: our engine vs the official-style pipeline, the TSD-SR architecture and pixel-space peers."""
 
 from __future__ import annotations
 
@@ -20,17 +20,16 @@ def bench_command(
     batch_size: Annotated[int, typer.Option(help="Our engine's tiles per pass; 0 = automatic.")] = 0,
     official: Annotated[bool, typer.Option(help="Also time the official-style pipeline.")] = True,
     tsdsr: Annotated[bool, typer.Option(help="Also time the TSD-SR architecture (2.1 B params, slow on CPU).")] = True,
+    span: Annotated[bool, typer.Option(help="Also time SPAN x4 (426 k params; needs tinysr\\[peers]).")] = False,
+    realesrgan: Annotated[bool, typer.Option(help="Also time Real-ESRGAN x4plus (16.7 M params; needs tinysr\\[peers]).")] = False,
     compile_model: Annotated[bool, typer.Option("--compile", help="Also time our engine with torch.compile.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Time one SIZE x SIZE output and a large image, with peak memory, side by side."""
-    import json
+    """Time one SIZE x SIZE output and a large image, with peak memory, side by side.
 
-    from rich.table import Table
-
-    from tinysr_cli import bench
+    Ctrl-C stops the run and prints what was measured so far.
+    """
     from tinysr_cli.engine.device import resolve_device, resolve_precision
-    from tinysr_cli.engine.upscaler import UpscaleOptions, Upscaler
     from tinysr_cli.errors import TinySRError
     from tinysr_cli.weights.format import init_weights, load_weights
     from tinysr_cli.weights.hub import resolve_model
@@ -49,6 +48,20 @@ def bench_command(
             console.note(message)
 
     results = []
+    try:
+        _measure(results, step, weights, target, dtype, size, large, runs, batch_size, official, tsdsr, span, realesrgan, compile_model)
+    except KeyboardInterrupt:
+        if not results:
+            raise
+        console.note(f"interrupted: printing the {len(results)} result(s) measured so far")
+    _report(results, target, dtype, size, large, json_output)
+
+
+def _measure(results, step, weights, target, dtype, size, large, runs, batch_size, official, tsdsr, span, realesrgan, compile_model) -> None:
+    from tinysr_cli import bench
+    from tinysr_cli.engine.pixel import load_pixel_upscaler
+    from tinysr_cli.engine.upscaler import UpscaleOptions, Upscaler
+
     step("timing our engine ...")
     ours = Upscaler(weights, device=target, dtype=dtype, options=UpscaleOptions(batch_size=batch_size))
     results.append(bench.measure_upscaler("tinysr", ours, size, large, runs, f"batch {ours.batch_size}, folded, merged"))
@@ -64,6 +77,16 @@ def bench_command(
     if tsdsr:
         step("timing the TSD-SR architecture (building 2.1 B random parameters) ...")
         results.append(bench.measure_tsdsr(target, dtype, size, max(1, min(runs, 3))))
+    for name, wanted, note in (("span-x4", span, "SPAN x4 via spandrel, exact tiles"), ("realesrgan-x4plus", realesrgan, "RRDBNet via spandrel, exact tiles")):
+        if wanted:
+            step(f"timing {name} ...")
+            results.append(bench.measure_upscaler(name, load_pixel_upscaler(name, target, dtype), size, large, runs, note))
+
+
+def _report(results, target, dtype, size, large, json_output) -> None:
+    import json
+
+    from rich.table import Table
 
     reference = results[0].latency_s
     rows = [{**r.to_dict(), "latency_vs_tinysr": round(r.latency_s / reference, 2)} for r in results]

@@ -4,7 +4,8 @@ Files pair by name (the stem; any image extension on either side). A pair that c
 (unreadable, sizes differ, two files with one name) is an error for that pair: the others are still
 scored and the exit code is 1. Files without a partner are reported and left out, and learned
 metrics that cannot be had (pyiqa missing, weights not cached and no internet) are reported and
-skipped; neither changes the exit code as long as something was scored.
+skipped; neither changes the exit code as long as something was scored. Without pyiqa, lpips,
+lpips-vgg, dists and niqe come from tinysr's offline implementations (``tinysr_cli.iqa``).
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ def eval_command(
     )] = "",
     metrics: Annotated[Optional[list[str]], typer.Option(
         "--metrics", "-m",
-        help="psnr, ssim (the default), lpips, dists, fid, niqe, musiq, maniqa, clipiqa, topiq, qalign or all; "
-        'comma-separated or repeated. All but psnr and ssim need pyiqa (pip install "tinysr\\[metrics]").',
+        help="psnr, ssim (the default), lpips, lpips-vgg, dists, fid, niqe, musiq, maniqa, clipiqa, topiq, qalign or "
+        "all; comma-separated or repeated. lpips, lpips-vgg, dists and niqe work offline once `tinysr metrics fetch` "
+        'has run; the others need pyiqa (pip install "tinysr\\[metrics]").',
         rich_help_panel=_SCORING,
     )] = None,
     convention: Annotated[str, typer.Option(
@@ -83,7 +85,7 @@ def eval_command(
     )] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes; warnings and errors only.")] = False,
 ) -> None:
-    """Score upscaled images against ground truth: PSNR/SSIM as the SR papers compute them, and pyiqa's metrics."""
+    """Score upscaled images against ground truth: PSNR/SSIM as the SR papers compute them, LPIPS, DISTS, NIQE and pyiqa's metrics."""
     import tempfile
 
     from tinysr_cli import metrics as m
@@ -115,8 +117,8 @@ def eval_command(
     if not any(name in m.CORE_METRICS or name in learned for name in names):
         raise TinySRError(
             "none of the requested metrics can be computed here",
-            hint='psnr and ssim always can; the others need pyiqa (pip install "tinysr[metrics]") and its weights, '
-            "downloaded on first use",
+            hint="psnr and ssim always can; lpips, lpips-vgg, dists and niqe once `tinysr metrics fetch` has run; "
+            "the others need pyiqa and its weights, downloaded on first use",
         )
 
     with contextlib.ExitStack() as stack:
@@ -137,6 +139,7 @@ def eval_command(
             raise TinySRError(f"no image of {pred} has a partner of the same name in {gt}", hint=hint)
         results = _score(pairing, settings, learned, quiet)
         results.unavailable = unavailable
+        results.implementations = {name: metric.implementation for name, metric in learned.items()}
         results.failed = [*({"name": n, "error": e} for n, e in upscale_failures.items()), *results.failed]
         _add_folder_metrics(results, learned, pred, gt, settings)
         report = results.to_report(settings, pred if kept else None, gt, model)
@@ -288,14 +291,15 @@ def _load_learned(names: list[str], device: str, quiet: bool) -> tuple[dict[str,
     target = resolve_device(device)
     loaded, unavailable = {}, {}
     for name in wanted:
-        if not quiet:
-            console.note(f"loading {name} (pyiqa's {m.LEARNED_METRICS[name]}) ...")
         try:
             with _stdout_to_stderr():
-                loaded[name] = m.load_learned_metric(name, target)
+                loaded[name] = m.load_metric(name, target)
         except m.MetricUnavailable as exc:
             unavailable[name] = str(exc)
             console.warn(f"{name}: not computed: {exc}")
+        else:
+            if not quiet:
+                console.note(f"{name}: {loaded[name].implementation}")
     return loaded, unavailable
 
 
@@ -305,6 +309,7 @@ class _Results:
     failed: list[dict[str, str]] = field(default_factory=list)
     folder_scores: dict[str, float] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
+    implementations: dict[str, str] = field(default_factory=dict)  # learned metric -> who computed it
     pairing: _Pairing = field(default_factory=_Pairing)
 
     def to_report(self, settings: _Settings, pred: Path | None, gt: Path, model: str | None) -> dict[str, Any]:
@@ -324,6 +329,7 @@ class _Results:
             "metrics": scored,
             "images": self.rows,
             "mean": mean,
+            "implementations": self.implementations,
             "unavailable": self.unavailable,
             "failed": self.failed,
             "unmatched": {

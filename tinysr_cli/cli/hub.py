@@ -41,7 +41,7 @@ def list_command(
     registry = load_registry()
     models = []
     for entry in registry.entries.values():
-        path = cached_path(HubFile.from_entry(entry)) if entry.published else None
+        path = entry.bundled_path() if entry.bundled else (cached_path(HubFile.from_entry(entry)) if entry.published else None)
         models.append({
             **{key: getattr(entry, key) for key in entry.__dataclass_fields__},
             "default": entry.name == registry.default,

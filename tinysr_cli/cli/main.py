@@ -29,6 +29,12 @@ weights_app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(weights_app, name="weights")
+metrics_app = typer.Typer(
+    help="The offline perceptual metrics' weights (LPIPS, DISTS, NIQE) for tinysr eval.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(metrics_app, name="metrics")
 
 
 def _version(value: bool) -> None:
@@ -45,12 +51,13 @@ def _root(
 
 
 def _register() -> None:
-    from tinysr_cli.cli import bench, eval, hub, info, official, train, upscale, weights
+    from tinysr_cli.cli import bench, compare, eval, hub, info, metrics, official, train, upscale, weights
 
     app.command("upscale", no_args_is_help=True)(upscale.upscale_command)
     app.command("train", no_args_is_help=True)(train.train_command)
     app.command("bench")(bench.bench_command)
     app.command("eval")(eval.eval_command)
+    app.command("compare", no_args_is_help=True)(compare.compare_command)
     app.command("info")(info.info_command)
     weights_app.command("init")(weights.init_command)
     weights_app.command("info")(weights.info_command)
@@ -61,6 +68,7 @@ def _register() -> None:
     weights_app.command("path")(hub.path_command)
     weights_app.command("push")(hub.push_command)
     weights_app.command("remove")(hub.remove_command)
+    metrics_app.command("fetch")(metrics.fetch_command)
 
 
 _register()

@@ -1,13 +1,16 @@
 """`tinysr train`: run one stage of a training recipe (needs the ``train`` extra).
 
 The ``training`` package (and accelerate/peft with it) is imported inside the command, so the
-inference CLI never loads it. Multi-GPU: ``accelerate launch -m tinysr_cli train ...``.
+inference CLI never loads it. Several processes: ``accelerate launch --multi_gpu --num_processes N -m
+tinysr_cli train ...`` (on CPUs with ``ACCELERATE_USE_CPU=1``); launches that would not form one
+data-parallel group are refused.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,7 +18,7 @@ import typer
 
 from tinysr_cli.cli import console
 
-STAGES = ("prune", "cache", "vae", "restore", "export")
+STAGES = ("prune", "cache", "vae", "restore", "export", "distill")
 
 
 class _RichReporter:
@@ -50,7 +53,7 @@ def _run_prune(config: Path, output: Optional[Path], resume: bool, reporter) -> 
 
 
 def train_command(
-    stage: Annotated[str, typer.Option(help="prune, cache, vae, restore or export.", show_default=False)],
+    stage: Annotated[str, typer.Option(help="prune, cache, vae, restore, export, or distill (a small model from a pixel-space teacher, data to weights file).", show_default=False)],
     config: Annotated[Path, typer.Option("--config", "-c", help="The recipe (TOML), e.g. training/recipes/vae.toml.", show_default=False)],
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the output folder from its newest checkpoint.")] = False,
     output: Annotated[
@@ -72,7 +75,7 @@ def train_command(
     if missing:
         raise TinySRError(f"training needs the train extra ({', '.join(missing)} missing)", hint='pip install "tinysr[train]"')
     from training.stages import run_stage
-    from training.stages.common import SilentReporter
+    from training.stages.common import LaunchError, SilentReporter
 
     main_process = os.environ.get("RANK", "0") == "0"
     show = main_process and not quiet
@@ -91,7 +94,13 @@ def train_command(
             if main_process:
                 console.stdout.print(str(decision), markup=False)
             return
-        result = run_stage(stage, config, output=output, resume=resume, reporter=reporter, stop_at_step=stop_at_step)
+        try:
+            result = run_stage(stage, config, output=output, resume=resume, reporter=reporter, stop_at_step=stop_at_step)
+        except LaunchError:
+            if not main_process:  # every process refuses; the main one says why, once
+                time.sleep(1)  # and is not killed by the launcher before it does
+                raise typer.Exit(1) from None
+            raise
     if not result.finished:
         if show:
             console.note(f"stopped at step {result.step}; continue with --resume")

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tinysr_cli.cli import console
 from tinysr_cli.engine.device import resolve_device, resolve_precision
+from tinysr_cli.engine.pixel import PixelUpscaler, load_pixel_upscaler
 from tinysr_cli.engine.upscaler import UpscaleOptions, Upscaler, available_memory
 from tinysr_cli.errors import TinySRError
 from tinysr_cli.io import video
@@ -33,7 +34,7 @@ from tinysr_cli.io.images import (
 )
 from tinysr_cli.io.paths import Job, Plan, plan_jobs
 from tinysr_cli.models.tinysr import UPSCALE
-from tinysr_cli.weights.format import load_weights
+from tinysr_cli.weights.format import RANDOM_INIT_WARNING, load_weights
 from tinysr_cli.weights.hub import resolve_model
 
 
@@ -90,10 +91,15 @@ def plan_inputs(inputs: list[str], output: Path | None, *, video_only: bool, ima
     return Plan(kept, plan.skipped + dropped)
 
 
-def load_upscaler(options: BatchOptions) -> Upscaler:
+def load_upscaler(options: BatchOptions) -> Upscaler | PixelUpscaler:
     device = resolve_device(options.device)
     dtype = resolve_precision(options.precision, device)
+    pixel = load_pixel_upscaler(options.model, device, dtype, tile=options.engine.tile * 8)
+    if pixel is not None:
+        return pixel
     model, info = load_weights(resolve_model(options.model, progress=not options.quiet))
+    if info.random_init:
+        console.warn(RANDOM_INIT_WARNING.format(path=info.path))
     return Upscaler(model, device=device, dtype=dtype, options=options.engine, default_color_fix=info.color_fix)
 
 

@@ -19,15 +19,16 @@ def init_command(
 ) -> None:
     """Write randomly initialised weights of a named config (for tests, demos and benchmarks)."""
     from tinysr_cli.errors import TinySRError
-    from tinysr_cli.weights.format import DTYPES_BY_NAME, init_weights, save_weights
+    from tinysr_cli.weights.format import DTYPES_BY_NAME, RANDOM_INIT, RANDOM_INIT_WARNING, init_weights, save_weights
 
     if dtype not in DTYPES_BY_NAME:
         raise TinySRError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES_BY_NAME)}")
     if output.exists() and not overwrite:
         raise TinySRError(f"{output} exists", hint="pass --overwrite to replace it")
     model = init_weights(config, seed)
-    provenance = {"source": "random-init", "config": config, "seed": seed}
+    provenance = {"source": RANDOM_INIT, "config": config, "seed": seed}
     save_weights(model, output, dtype=DTYPES_BY_NAME[dtype], provenance=provenance)
+    console.warn(RANDOM_INIT_WARNING.format(path=output) + "; use it for tests and benchmarks only")
     console.stdout.print(str(output))
 
 
@@ -40,9 +41,11 @@ def info_command(
 
     from rich.table import Table
 
-    from tinysr_cli.weights.format import SUPPORTED_DTYPES, load_weights
+    from tinysr_cli.weights.format import RANDOM_INIT_WARNING, SUPPORTED_DTYPES, load_weights
 
     model, info = load_weights(path)
+    if info.random_init:
+        console.warn(RANDOM_INIT_WARNING.format(path=path))
     counts = {
         "transformer": sum(p.numel() for p in model.transformer.parameters()),
         "vae.encoder": sum(p.numel() for p in model.vae.encoder.parameters()),

@@ -38,6 +38,15 @@ class WeightsInfo:
     color_fix: str = "adain"
     provenance: dict = field(default_factory=dict)
 
+    @property
+    def random_init(self) -> bool:
+        """True for weights that were never trained (``tinysr weights init``): they make images worse."""
+        return self.provenance.get("source") == RANDOM_INIT
+
+
+RANDOM_INIT = "random-init"
+RANDOM_INIT_WARNING = "{path} holds RANDOM, untrained weights (provenance: random-init): its output is noise, not an upscale"
+
 
 def save_weights(
     model: TinySR,

@@ -106,6 +106,8 @@ def parse_model_spec(spec: str, registry: Registry | None = None) -> Path | HubF
         return path
     registry = registry if registry is not None else load_registry()
     entry = registry.get(text)
+    if entry is not None and entry.bundled is not None:
+        return _bundled_file(entry)
     if entry is not None:
         return HubFile.from_entry(entry)
     looks_local = text.startswith((".", "~", os.sep, "/")) or (text.lower().endswith(_LOCAL_SUFFIXES) and "@" not in text)
@@ -121,6 +123,19 @@ def parse_model_spec(spec: str, registry: Registry | None = None) -> Path | HubF
         f"unknown model {spec!r} (registered: {names})",
         hint="pass a registry name, a Hub repo as owner/name[@revision][/file.safetensors], or a local .safetensors file",
     )
+
+
+def _bundled_file(entry: ModelEntry) -> Path:
+    """The weights file shipped inside the package, checked against the registry's sha256."""
+    path = entry.bundled_path()
+    if not path.is_file():
+        raise WeightsError(
+            f"the bundled model {entry.name!r} is missing from this installation ({path})",
+            hint="reinstall tinysr (pip install --force-reinstall tinysr)",
+        )
+    if entry.sha256 is not None and file_sha256(path) != entry.sha256:
+        raise WeightsError(f"{path}: the bundled model {entry.name!r} is damaged (sha256 differs from the registry)", hint="reinstall tinysr")
+    return path
 
 
 def _hub_file_from_uri(uri: str, spec: str) -> HubFile:

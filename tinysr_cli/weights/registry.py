@@ -30,7 +30,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 MODEL_ENV = "TINYSR_MODEL"
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
-_ENTRY_KEYS = {"repo_id", "filename", "revision", "published", "sha256", "size", "license", "license_note", "provenance", "description"}
+_ENTRY_KEYS = {"bundled", "repo_id", "filename", "revision", "published", "sha256", "size", "license", "license_note", "provenance", "description"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,15 @@ class ModelEntry:
     provenance: str = ""
     description: str = ""
     origin: str = "built-in"  # "built-in", or the config file that defined it
+    bundled: str | None = None  # a file shipped inside the package (tinysr_cli._registry); no Hub needed
+
+    def bundled_path(self) -> Path | None:
+        """The shipped file of a bundled entry, or None for a Hub entry."""
+        if self.bundled is None:
+            return None
+        from importlib.resources import files
+
+        return Path(str(files("tinysr_cli._registry").joinpath(self.bundled)))
 
 
 @dataclass(frozen=True)
@@ -118,6 +127,13 @@ def _parse_entry(name: str, table: object, origin: str) -> ModelEntry:
     unknown = sorted(set(table) - _ENTRY_KEYS)
     if unknown:
         raise WeightsError(f"{where}: unknown field {unknown[0]!r}", hint=f"known fields: {', '.join(sorted(_ENTRY_KEYS))}")
+    bundled = table.get("bundled")
+    if bundled is not None:
+        if origin != "built-in":
+            raise WeightsError(f"{where}: only the built-in registry can name a bundled file; use a path with --model")
+        if not isinstance(bundled, str) or not bundled.endswith(".safetensors") or "/" in bundled:
+            raise WeightsError(f"{where}: bundled must be a .safetensors file name")
+        table = {"repo_id": "tinysr/bundled", "filename": bundled, **table}
     repo_id = _require_str(table, "repo_id", where)
     if repo_id.count("/") != 1:
         raise WeightsError(f"{where}: repo_id must be 'owner/name', not {repo_id!r}")
@@ -150,6 +166,7 @@ def _parse_entry(name: str, table: object, origin: str) -> ModelEntry:
         size=size,
         license=_require_str(table, "license", where) if "license" in table else "unknown",
         origin=origin,
+        bundled=bundled,
         **text,
     )
 

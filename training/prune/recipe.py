@@ -55,6 +55,7 @@ class DataSpec:
     kind: str
     batch_size: int = 8
     path: Path | None = None  # cache: a complete latent cache folder (the one holding index.json)
+    recipe: Path | None = None  # cache: a vae/restore recipe whose cache to use (built when missing)
     latent_size: int = 64  # synthetic
     pool: int = 4  # synthetic: number of distinct batches
 
@@ -189,9 +190,13 @@ def _space(table: dict[str, Any]) -> SpaceSpec:
 def _data(table: dict[str, Any], base: Path) -> DataSpec:
     kind = _choice(table.pop("kind", None), DATA_KINDS, "data.kind")
     path = _path(table, "path", "data", base)
-    if kind == "cache" and path is None:
-        raise RecipeError("data.path (a complete latent cache folder, holding index.json) is required for kind = 'cache'")
-    return _settings(DataSpec, table, "data", fixed={"kind": kind, "path": path})
+    recipe = _path(table, "recipe", "data", base)
+    if kind == "cache" and (path is None) == (recipe is None):
+        raise RecipeError(
+            "kind = 'cache' needs one of data.recipe (a vae or restore recipe: its [teacher], [data] and [cache] "
+            "name the latent cache, which is built if missing) and data.path (a complete cache folder, holding index.json)"
+        )
+    return _settings(DataSpec, table, "data", fixed={"kind": kind, "path": path, "recipe": recipe})
 
 
 def load_recipe(path: Path) -> PruneRecipe:

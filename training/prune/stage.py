@@ -1,5 +1,9 @@
 """``--stage prune``: read a recipe, search (or score) the teacher's layers, write the decision JSON.
 
+With ``[data] kind = "cache"`` the search reads the shared latent cache: ``recipe = "vae.toml"``
+names it by that recipe's ``[teacher]``, ``[data]`` and ``[cache]`` (and builds it when missing, as
+the other stages do), ``path`` by its folder.
+
 The output folder holds ``prune_decision.json`` (the result) and, for the learned methods,
 ``prune_state.pt`` (a checkpoint every ``search.checkpoint_every`` steps and at the end). Both are
 written atomically, so an interrupted run leaves either the previous complete file or none.
@@ -85,8 +89,34 @@ def run_prune_stage(
 def _batch_source(recipe: PruneRecipe, stack: ResidualStack, device: torch.device) -> Callable[[int], Batch]:
     data = recipe.data
     if data.kind == "cache":
-        return CachedLatents(data.path, data.batch_size, recipe.seed, device)
+        folder = data.path if data.recipe is None else shared_cache(data.recipe, device)
+        return CachedLatents(folder, data.batch_size, recipe.seed, device)
     return TeacherTargets(stack, data.pool, data.batch_size, data.latent_size, recipe.seed, device)
+
+
+class _OneProcess:
+    """The part of an ``accelerate.Accelerator`` that ``ensure_cache`` uses, for this single-process stage."""
+
+    is_main_process, process_index, num_processes = True, 0, 1
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def shared_cache(stage_recipe: Path, device: torch.device) -> Path:
+    """The latent cache of a vae/restore recipe (its [teacher], [data], [cache]), built first if missing."""
+    from training.stages.cache import ensure_cache
+    from training.stages.common import SilentReporter
+    from training.stages.recipe import load_recipe as load_stage_recipe
+
+    if not stage_recipe.is_file():
+        raise RecipeError(f"data.recipe: {stage_recipe} not found (a vae or restore recipe naming the latent cache)")
+    recipe = load_stage_recipe(stage_recipe)
+    cache = ensure_cache(_OneProcess(device), recipe, SilentReporter(), fields=("z_lq", "z_hq", "z_teacher"))
+    return cache.folder
 
 
 def _baseline(

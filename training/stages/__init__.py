@@ -1,4 +1,5 @@
-"""Training stages behind ``tinysr train --stage ...``: ``cache``, ``vae``, ``restore``, ``export``.
+"""Training stages behind ``tinysr train --stage ...``: ``cache``, ``vae``, ``restore``, ``export``,
+``distill`` (a small model from a pixel-space teacher, data to exported file in one run).
 
 ``run_stage`` reads the recipe and dispatches; each stage module can also be used on its own.
 """
@@ -37,6 +38,10 @@ def run_stage(
         return run_cache_stage(recipe, reporter)
     recipe.require("run")
     output_dir = Path(output) if output is not None else recipe.run.output_dir
+    if stage == "distill":
+        from training.stages.distill import run_distill_stage
+
+        return run_distill_stage(recipe, output_dir, resume, reporter, stop_at_step)
     if stage == "vae":
         from training.stages.vae import run_vae_stage
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tinysr_cli.errors import TinySRError
 from training.latent_cache import LatentCache, build_shards, cache_folder, cache_identity, cache_key, write_index
-from training.stages.common import Reporter, SilentReporter, StageResult
+from training.stages.common import Reporter, SilentReporter, StageResult, check_launch
 from training.stages.pairs import make_pair_source
 from training.stages.recipe import Recipe
 from training.teacher import load_teacher
@@ -58,6 +58,8 @@ def run_cache_stage(recipe: Recipe, reporter: Reporter | None = None) -> StageRe
     from accelerate import Accelerator
 
     reporter = reporter or SilentReporter()
-    cache = ensure_cache(Accelerator(), recipe, reporter, fields=("z_lq",))
+    accelerator = Accelerator()
+    check_launch(accelerator)
+    cache = ensure_cache(accelerator, recipe, reporter, fields=("z_lq",))
     reporter.note(f"latent cache ready: {cache.folder} ({len(cache)} samples)")
     return StageResult(cache.folder, len(cache), True)

@@ -10,12 +10,18 @@ A run lives in one output folder::
 The data order is a function of the step: global batch ``s`` holds positions ``[s*B, (s+1)*B)`` of
 an endless sequence of seeded per-epoch permutations, each process taking its slice. Resuming at
 step ``s`` therefore needs nothing beyond the step counter, and gives the same batches.
+
+Several processes (``accelerate launch --multi_gpu``, or ``torchrun``; on CPUs with
+``ACCELERATE_USE_CPU=1``) train data-parallel: each takes its slice of the global batch, DDP averages
+the gradients, and the logged metrics are the means over the processes. A launch whose processes do
+not form one group is refused (``check_launch``) rather than run as unsynchronised copies.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -157,6 +163,16 @@ class MetricsLog:
         new_file = not self.path.exists()
         if self.columns is None:
             self.columns = sorted(means)
+        elif not set(means) <= set(self.columns):
+            # A metric that starts later (a new phase, validation): widen the file, old rows blank there.
+            self.columns = sorted(set(self.columns) | set(means))
+            if not new_file:
+                with open(self.path, newline="") as handle:
+                    rows = list(csv.DictReader(handle))
+                with open(self.path, "w", newline="") as handle:
+                    writer = csv.DictWriter(handle, fieldnames=["step", *self.columns], restval="")
+                    writer.writeheader()
+                    writer.writerows(rows)
         with open(self.path, "a", newline="") as handle:
             writer = csv.writer(handle)
             if new_file:
@@ -175,6 +191,76 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     """The rows of a metrics.csv as dicts (``step`` included), for reports and tests."""
     with open(path, newline="") as handle:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
+
+
+# ----------------------------------------------------------------------------- launches
+
+CPU_LAUNCH = "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {n} -m tinysr_cli train ..."
+
+
+class LaunchError(TinySRError):
+    """The processes of a multi-process launch did not form one group; every process raises it."""
+
+
+def _launcher_processes(argv: Sequence[str]) -> int | None:
+    """``--num_processes`` of an ``accelerate launch`` command line (None for anything else)."""
+    launch = any(
+        (Path(token).name == "accelerate" and following == "launch") or Path(token).name == "accelerate-launch"
+        or token == "accelerate.commands.launch"
+        for token, following in zip(argv, [*argv[1:], ""])
+    )
+    if not launch:
+        return None
+    for index, token in enumerate(argv):
+        if token in ("-m", "--module") or token.endswith(".py"):
+            break  # the training script and its own arguments
+        name, _, value = token.partition("=")
+        if name in ("--num_processes", "--num-processes"):
+            value = value or (argv[index + 1] if index + 1 < len(argv) else "")
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def _parent_argv() -> list[str]:
+    try:
+        import psutil  # an accelerate dependency
+
+        return psutil.Process(os.getppid()).cmdline()
+    except Exception:  # no psutil, no permission, parent gone: nothing to check
+        return []
+
+
+def launch_problem(num_processes: int, env: dict[str, str] | None = None, parent_argv: Sequence[str] | None = None) -> str | None:
+    """Why this launch is not the data-parallel group it was asked to be, or None when it is.
+
+    ``num_processes`` is what accelerate set up; the launcher's intent is read from ``WORLD_SIZE``
+    (torchrun, ``accelerate launch --multi_gpu``) or from the parent ``accelerate launch`` command
+    line (whose ``--cpu`` runs one process whatever ``--num_processes`` says).
+    """
+    env = os.environ if env is None else env
+    world = env.get("WORLD_SIZE", "")
+    if world.isdigit() and int(world) > 1 and int(world) != num_processes:
+        n = int(world)
+        why = "no GPU is visible and ACCELERATE_USE_CPU is not set" if num_processes == 1 else f"accelerate sees {num_processes}"
+        return (
+            f"the {n} launched processes did not form one training group ({why}), so each would train alone "
+            f"into the same folder; on CPUs run: {CPU_LAUNCH.format(n=n)}"
+        )
+    if not world:
+        asked = _launcher_processes(_parent_argv() if parent_argv is None else parent_argv)
+        if asked is not None and asked > 1 and num_processes == 1:
+            return (
+                f"accelerate launch started 1 process, not {asked} (with --cpu, or without --multi_gpu, it runs one "
+                f"process whatever --num_processes says); on CPUs run: {CPU_LAUNCH.format(n=asked)}"
+            )
+    return None
+
+
+def check_launch(accelerator) -> None:
+    """Refuse a launch whose processes do not form one group (see ``launch_problem``)."""
+    problem = launch_problem(accelerator.num_processes)
+    if problem is not None:
+        raise LaunchError(problem)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -199,6 +285,7 @@ class Run:
         self.output_dir, self.reporter = Path(output_dir), reporter
         precision, note = resolve_mixed_precision(self.spec.mixed_precision)
         self.accelerator = Accelerator(mixed_precision=precision, step_scheduler_with_optimizer=False)
+        check_launch(self.accelerator)
         if note and self.is_main:
             reporter.note(note)
         self.counter = StepCounter()
@@ -266,6 +353,15 @@ class Run:
         self.accelerator.wait_for_everyone()
         return final
 
+    def mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Each metric averaged over the processes (every process gets the means; one process: as is)."""
+        if self.accelerator.num_processes == 1 or not metrics:
+            return metrics
+        names = sorted(metrics)
+        values = torch.tensor([float(metrics[name]) for name in names], dtype=torch.float64, device=self.device)
+        values = self.accelerator.reduce(values, reduction="mean")
+        return dict(zip(names, values.tolist()))
+
     def train(
         self,
         total_steps: int,
@@ -285,7 +381,7 @@ class Run:
             self.reporter.progress(task, self.step, total_steps, {})
             while self.step < end:
                 batch = {name: value.to(self.device, non_blocking=True) for name, value in next(batches).items()}
-                metrics = step_fn(batch, self.step)
+                metrics = self.mean_over_processes(step_fn(batch, self.step))
                 self.counter.step += 1
                 means = log.add(self.step, metrics)
                 self.reporter.progress(task, self.step, total_steps, means or {})

@@ -25,7 +25,7 @@ from training.student import DEFAULT_LORA_TARGETS, LoraSpec
 from training.teacher import TeacherSpec
 
 
-STAGES = ("cache", "vae", "restore", "export")
+STAGES = ("cache", "vae", "restore", "export", "distill")
 PRECISIONS = ("fp16", "bf16", "no")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 # [run] keys that may change between a run and its resumption.
@@ -387,6 +387,7 @@ def load_recipe(path: str | Path) -> Recipe:
         if table is not None:
             values[name] = parse(table)
     data = top.value("data", None, dict)
+    top.value("distill", None, dict)  # read by training.stages.distill.parse_distill
     student = top.sub("student")
     if student is not None:
         vae_table = student.sub("vae")
