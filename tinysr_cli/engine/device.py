@@ -39,6 +39,29 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def resolve_devices(names: str) -> list[torch.device]:
+    """``cuda:0,1`` (or ``cuda:0,cuda:1``) -> one checked device per entry; a single name gives one.
+
+    Only CUDA devices may be listed together, each once. The CLI does not spread files across
+    several devices yet: this is the parsing and checking such a mode needs.
+    """
+    entries = [entry.strip() for entry in names.split(",")]
+    if len(entries) == 1:
+        return [resolve_device(entries[0])]
+    if not entries[0].lower().startswith("cuda") or any(not entry for entry in entries):
+        raise TinySRError(f"cannot list devices {names!r}", hint="several devices are written cuda:0,1")
+    names_checked = []
+    for entry in entries:
+        name = entry if entry.lower().startswith("cuda") else f"cuda:{entry}"
+        if not name.lower().removeprefix("cuda:").isdigit():
+            raise TinySRError(f"cannot list devices {names!r}: {entry!r} is not a CUDA device index", hint="several devices are written cuda:0,1")
+        names_checked.append(name)
+    devices = [resolve_device(name) for name in names_checked]
+    if len(set(devices)) != len(devices):
+        raise TinySRError(f"{names}: a device is listed twice")
+    return devices
+
+
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     """``auto`` is fp16 on CUDA/MPS and fp32 on the CPU; fp16 on the CPU is refused."""
     name = name.strip().lower()

@@ -13,6 +13,7 @@ import copy
 import math
 import os
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from tinysr_cli.engine import color
 from tinysr_cli.engine.tiling import Tile, blend_tiles, plan_tiles, run_with_context
 from tinysr_cli.errors import TinySRError
 from tinysr_cli.models.tinysr import UPSCALE, TinySR
+from tinysr_cli.models.transformer import TransformerConfig
 from tinysr_cli.models.vae import decoder_receptive_radius, encoder_receptive_radius
 
 COLOR_FIXES = ("adain", "wavelet", "none")
@@ -31,6 +33,12 @@ COLOR_FIXES = ("adain", "wavelet", "none")
 # as the growth of peak RSS between 512, 768 and 1536 px inputs (45 to 78 bytes), with a margin.
 CPU_BYTES_PER_OUTPUT_PIXEL = 96
 MIN_TILE = 8  # latent pixels: the smallest backbone tile the out-of-memory back-off goes down to
+MAX_AUTO_BATCH = 32  # backbone tiles x frames per pass the automatic choice goes up to
+FREE_MEMORY_SHARE = 0.5  # share of the device's free memory the automatic batch may plan to use
+# torch.compile settings for the backbone: "none"; "inductor" (compiled kernels); "cudagraphs"
+# (inductor + CUDA graphs of the fixed tile shape, CUDA only); "dynamo-eager" (graph capture
+# without code generation: a quick rehearsal of the compiled path, e.g. on a CPU).
+COMPILE_MODES = ("none", "inductor", "cudagraphs", "dynamo-eager")
 
 # progress(stage, done, total): stage is "tiles" for backbone tiles.
 ProgressCallback = Callable[[str, int, int], None]
@@ -43,8 +51,11 @@ class UpscaleOptions:
     batch_size: int = 0  # backbone tiles per forward pass; 0 picks one for the device
     color_fix: str | None = None  # None: the weights file's default
     vae_tile: int = 128  # VAE tile side, in latent pixels (exact at any value)
+    compile: str = "none"  # one of COMPILE_MODES; anything but "none" pads batches to one fixed shape
 
     def __post_init__(self) -> None:
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}")
         if self.color_fix is not None and self.color_fix not in COLOR_FIXES:
             raise ValueError(f"color_fix must be one of {COLOR_FIXES}")
         if self.tile < 0 or self.tile_overlap < 0 or (self.tile and self.tile_overlap >= self.tile):
@@ -80,6 +91,15 @@ class Upscaler:
         self.dtype = dtype
         self.options = options
         self.color_fix = options.color_fix or default_color_fix
+        if options.compile == "cudagraphs" and self.device.type != "cuda":
+            raise ValueError("compile='cudagraphs' needs a CUDA device")
+        # The VAE is small (a few MB): a float32 copy stays on the CPU for the NaN/inf retry, so a
+        # reduced-precision failure is recomputed from the original weights, not from rounded ones.
+        self._vae_master = None
+        if dtype != torch.float32:
+            self._vae_master = copy.deepcopy(model.vae).to("cpu", torch.float32).eval().requires_grad_(False)
+        self._vae_retry: dict[torch.dtype, torch.nn.Module] = {}  # retry copies on the device, made on first need
+        self._vae_retry_lock = threading.Lock()
         self.model = model.to(self.device, dtype).eval().requires_grad_(False)
         # Depthwise/pointwise convs run about 2x faster in channels-last layout (measured on CPU).
         self.model.vae.to(memory_format=torch.channels_last)
@@ -88,7 +108,28 @@ class Upscaler:
         self.min_lr_side = config.min_lr_side
         self.encoder_context = math.ceil(encoder_receptive_radius(self.model.vae.encoder))
         self.decoder_context = math.ceil(decoder_receptive_radius(self.model.vae.decoder))
-        self.batch_size = options.batch_size or (1 if self.device.type == "cpu" else 8)
+        # On CUDA the automatic batch is chosen once, from the memory free now (with the model loaded):
+        # a batch that changed from call to call would change GEMM shapes, and with them the rounding.
+        self._auto_tiles = 1 if self.device.type == "cpu" else 8
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            per_tile = backbone_bytes_per_tile(config.transformer, self.tile, dtype)
+            self._auto_tiles = choose_batch_size(free, per_tile)
+        self.batch_size = options.batch_size or self._auto_tiles
+        self._compiled = _compile_backbone(self.model.transformer, options.compile)
+
+    def tiles_per_pass(self, frames: int) -> int:
+        """Backbone tiles per forward pass for ``frames`` images at once (each tile carries every frame).
+
+        An explicit ``batch_size`` is kept. Otherwise 1 on the CPU, 8 on MPS, and on CUDA as many as
+        the device's free memory allowed when the upscaler was made (``choose_batch_size``), shared
+        among the frames.
+        """
+        if self.options.batch_size:
+            return self.options.batch_size
+        if self.device.type != "cuda":
+            return self._auto_tiles
+        return max(1, self._auto_tiles // max(1, frames))
 
     def memory_needed(self, height: int, width: int) -> int:
         """Bytes of CPU memory one [3, height, width] image needs: canvases, colour fix, resampling, saving.
@@ -160,24 +201,56 @@ class Upscaler:
         return out[..., :height, :width].clamp_(-1, 1)
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self._run_vae(self.model.vae.encode, pixels)
+        return self._run_vae("encode", pixels)
 
     def _decode(self, latent: torch.Tensor) -> torch.Tensor:
-        return self._run_vae(self.model.vae.decode, latent)
+        return self._run_vae("decode", latent)
 
-    def _run_vae(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """A VAE half on one tile; non-finite output is retried in fp32 (as for the backbone), then an error."""
-        out = fn(x.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last))
-        if not bool(torch.isfinite(out).all()) and self.dtype != torch.float32:
-            vae = copy.deepcopy(self.model.vae).float()
-            out = getattr(vae, fn.__name__)(x.to(self.device, torch.float32).contiguous(memory_format=torch.channels_last))
-        if not bool(torch.isfinite(out).all()):
-            part = "decoder" if fn.__name__ == "decode" else "encoder"
-            raise TinySRError(
-                f"the model's VAE {part} produced NaN/inf values even in fp32",
-                hint="the weights may be corrupt: check them with `tinysr weights verify`",
-            )
-        return out.to("cpu", torch.float32).contiguous()
+    def _run_vae(self, method: str, x: torch.Tensor) -> torch.Tensor:
+        """One VAE tile; NaN/inf in reduced precision is recomputed in bf16 (from fp16), then fp32."""
+        out = getattr(self.model.vae, method)(self._vae_input(x, self.dtype))
+        if bool(torch.isfinite(out).all()):
+            return self.to_host(out).contiguous()
+        for dtype in self._vae_retry_dtypes():
+            out = getattr(self._retry_vae(dtype), method)(self._vae_input(x, dtype))
+            if bool(torch.isfinite(out).all()):
+                return self.to_host(out).contiguous()
+        part = "decoder" if method == "decode" else "encoder"
+        raise TinySRError(
+            f"the model's VAE {part} produced NaN/inf values even in fp32",
+            hint="the weights may be corrupt: check them with `tinysr weights verify`",
+        )
+
+    def _vae_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.to_device(x, dtype).contiguous(memory_format=torch.channels_last)
+
+    def _vae_retry_dtypes(self) -> list[torch.dtype]:
+        if self._vae_master is None:
+            return []
+        bf16_ok = self.device.type == "cpu" or (self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        return ([torch.bfloat16] if self.dtype == torch.float16 and bf16_ok else []) + [torch.float32]
+
+    def _retry_vae(self, dtype: torch.dtype) -> torch.nn.Module:
+        with self._vae_retry_lock:
+            if dtype not in self._vae_retry:
+                vae = copy.deepcopy(self._vae_master).to(self.device, dtype)
+                self._vae_retry[dtype] = vae.to(memory_format=torch.channels_last)
+            return self._vae_retry[dtype]
+
+    def to_device(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """CPU tensor -> device; on CUDA through pinned memory with a non-blocking copy."""
+        if self.device.type == "cuda":
+            return x.contiguous().pin_memory().to(self.device, dtype, non_blocking=True)
+        return x.to(self.device, dtype)
+
+    def to_host(self, x: torch.Tensor) -> torch.Tensor:
+        """Device tensor -> float32 CPU tensor; on CUDA a non-blocking copy into pinned memory."""
+        if self.device.type == "cuda":
+            host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            host.copy_(x, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+            return host.float()
+        return x.to("cpu", torch.float32)
 
     def _velocity(self, latent: torch.Tensor, progress: ProgressCallback | None) -> torch.Tensor:
         """Backbone velocity over overlapping tiles, blended with normalised Gaussian weights."""
@@ -192,8 +265,9 @@ class Upscaler:
 
         if progress is not None:
             progress("tiles", 0, len(tiles))
-        run = _BackboneRun(self, latent, self.tile, self.options.tile_overlap, self.batch_size, fp32_cache={})
-        return blend_tiles(tuple(latent.shape), tiles, run, self.batch_size, report)
+        limit = self.tiles_per_pass(latent.shape[0])
+        run = _BackboneRun(self, latent, self.tile, self.options.tile_overlap, limit, fp32_cache={})
+        return blend_tiles(tuple(latent.shape), tiles, run, limit, report)
 
     def _color_fix(self, sr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
         if self.color_fix == "adain":
@@ -221,6 +295,34 @@ def available_memory() -> int | None:
     except (OSError, ValueError):
         pass
     return available
+
+
+def backbone_bytes_per_tile(config: TransformerConfig, tile: int, dtype: torch.dtype) -> int:
+    """Device bytes one latent tile (one frame) needs in a backbone pass, activations only (an upper bound).
+
+    Per block at most about 12 token x hidden tensors are alive (residual, norm, qkv and its
+    head-major copy, attention output, the MLP's 4x hidden and its GELU), plus attention's
+    heads x tokens x tokens scores in case SDPA takes its math path rather than a fused kernel.
+    """
+    tokens = (tile // config.patch_size) ** 2
+    element = torch.finfo(dtype).bits // 8
+    return element * (12 * tokens * config.hidden_size + config.num_heads * tokens * tokens)
+
+
+def choose_batch_size(free_bytes: int, bytes_per_tile: int, *, share: float = FREE_MEMORY_SHARE, cap: int = MAX_AUTO_BATCH) -> int:
+    """Tiles per pass that fit in ``share`` of ``free_bytes``: at least 1, at most ``cap``."""
+    if bytes_per_tile <= 0:
+        raise ValueError("bytes_per_tile must be positive")
+    return max(1, min(cap, int(max(free_bytes, 0) * share) // bytes_per_tile))
+
+
+def _compile_backbone(backbone: torch.nn.Module, mode: str) -> torch.nn.Module | None:
+    """The backbone through ``torch.compile`` for one fixed shape, or None for ``mode`` "none"."""
+    if mode == "none":
+        return None
+    if mode == "dynamo-eager":
+        return torch.compile(backbone, backend="eager", dynamic=False)
+    return torch.compile(backbone, mode="reduce-overhead" if mode == "cudagraphs" else None, dynamic=False)
 
 
 class _BackboneRun:
@@ -262,17 +364,31 @@ class _BackboneRun:
     def _forward(self, chunk: list[Tile]) -> torch.Tensor:
         crops = torch.cat([self.latent[..., t.y0 : t.y1, t.x0 : t.x1] for t in chunk])
         upscaler = self.upscaler
-        out = upscaler.model.transformer(crops.to(upscaler.device, upscaler.dtype))
+        out = self._backbone(crops)
         if bool(torch.isfinite(out).all()):
-            return out.to("cpu", torch.float32)
+            return upscaler.to_host(out)
         if upscaler.dtype != torch.float32:
-            out = self._fp32_model()(crops.to(upscaler.device, torch.float32))
+            out = self._fp32_model()(upscaler.to_device(crops, torch.float32))
             if bool(torch.isfinite(out).all()):
-                return out.to("cpu", torch.float32)
+                return upscaler.to_host(out)
         raise TinySRError(
             "the model produced NaN/inf values even in fp32",
             hint="the weights may be corrupt: check them with `tinysr weights verify`",
         )
+
+    def _backbone(self, crops: torch.Tensor) -> torch.Tensor:
+        """The (compiled, if asked) backbone; a compiled one always sees ``limit`` tiles (padded), one shape."""
+        upscaler = self.upscaler
+        compiled = upscaler._compiled
+        if compiled is None:
+            return upscaler.model.transformer(upscaler.to_device(crops, upscaler.dtype))
+        count = crops.shape[0]
+        full = self.limit * self.latent.shape[0]
+        if count < full:
+            crops = torch.cat([crops, crops[-1:].expand(full - count, *crops.shape[1:])])
+        if upscaler.options.compile == "cudagraphs":
+            torch.compiler.cudagraph_mark_step_begin()
+        return compiled(upscaler.to_device(crops, upscaler.dtype))[:count]
 
     def _fp32_model(self) -> torch.nn.Module:
         if "model" not in self.fp32_cache:
