@@ -16,7 +16,7 @@ from conftest import photo
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
-from tinysr_cli.cli.upscale_run import BatchOptions, plan_inputs  # noqa: E402
+from tinysr_cli.cli.upscale_run import BatchOptions, plan_inputs, run_batch  # noqa: E402
 from tinysr_cli.distributed import FAULT_ENV, run_ray  # noqa: E402
 from tinysr_cli.engine.upscaler import UpscaleOptions  # noqa: E402
 
@@ -64,10 +64,11 @@ def folder(tmp_path):
     return folder
 
 
-def test_python_api_matches_the_single_process_run(tmp_path, folder, cluster, tiny_weights):
+def test_python_api_matches_the_single_process_run(tmp_path, folder, cluster, tiny_weights, one_thread):
     address, marker = cluster
-    reference = run_cli("upscale", folder, "-o", tmp_path / "ref", "--model", tiny_weights, "-q")
-    assert reference.returncode == 1 and "broken.png" in reference.stderr, reference.stderr
+    # The reference: the single-process batch `tinysr upscale` runs, in this process.
+    failures = run_batch(plan_inputs([str(folder)], tmp_path / "ref", video_only=False, images_only=False), _options(tiny_weights))
+    assert [path.name for path, _ in failures] == ["broken.png"]
 
     out = tmp_path / "ray"
     out.mkdir()
