@@ -80,7 +80,9 @@ def test_python_api_matches_the_single_process_run(tmp_path, folder, cluster, ti
     assert sorted(by_name) == ["astronaut.png", "broken.png", "chelsea.png", "coffee.png", "done.jpg", "victim.png"]
     assert by_name["done.jpg"].status == "skipped"
     assert by_name["broken.png"].status == "failed" and "broken.png" in by_name["broken.png"].message
-    assert {o.status for n, o in by_name.items() if n not in ("done.jpg", "broken.png")} == {"done"}
+    assert by_name["victim.png"].status == "done"
+    # A file that shared the killed worker's block was written before the kill: its retry finds it.
+    assert {o.status for n, o in by_name.items() if n not in ("done.jpg", "broken.png")} <= {"done", "skipped"}
     assert marker.exists()  # victim.png killed its worker once; the restarted actor did it
     assert len({o.worker for o in outcomes if o.worker}) >= 2  # two actors, or one restarted
 

@@ -282,12 +282,12 @@ def run_ray(
     seen: set[str] = set()
     for row in dataset.iter_rows():
         outcome = Outcome(
-            source=row["source"],
-            output=row["output"] or None,
-            status=row["status"],
-            message=row["message"],
+            source=str(row["source"]),
+            output=str(row["output"]) or None,
+            status=str(row["status"]),
+            message=str(row["message"]),
             seconds=float(row["seconds"]),
-            worker=row["worker"],
+            worker=str(row["worker"]),
         )
         seen.add(outcome.source)
         outcomes.append(outcome)
