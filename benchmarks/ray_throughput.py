@@ -15,12 +15,15 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tinysr_cli, not an installed one
 
 
 def make_images(folder: Path, count: int, size: int) -> None:

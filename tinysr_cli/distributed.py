@@ -26,6 +26,7 @@ import hashlib
 import os
 import socket
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -254,7 +255,7 @@ def run_ray(
     if not pending:
         return outcomes
     connect(address)
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
     resources = ray.cluster_resources()
     gpu = _uses_gpu(options, resources)
@@ -269,16 +270,9 @@ def run_ray(
     rows = [{"source": str(job.source), "output": str(job.output)} for job in pending]
     blocks = max(1, min(len(rows), -(-len(rows) // items_per_block), 1_000_000))
     blocks = max(blocks, min(len(rows), workers * 2))
-    dataset = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
-        _RayUpscaler,
-        fn_constructor_kwargs={"options": options},
-        batch_size=1,
-        compute=ActorPoolStrategy(size=workers),
-        num_gpus=1 if gpu else 0,
-        num_cpus=0 if gpu else 1,
-        max_restarts=3,
-        max_task_retries=3,
-    )
+    with warnings.catch_warnings():  # Ray >= 2.5x deprecates passing max_restarts this way but has no other
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")  # (finite retries: a file that always kills its worker)
+        dataset = _pipeline(ray, rows, blocks, options, workers, gpu)
     seen: set[str] = set()
     for row in dataset.iter_rows():
         outcome = Outcome(
@@ -300,6 +294,21 @@ def run_ray(
             if on_outcome is not None:
                 on_outcome(lost)
     return outcomes
+
+
+def _pipeline(ray, rows: list[dict], blocks: int, options, workers: int, gpu: bool):
+    from ray.data import ActorPoolStrategy
+
+    return ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
+        _RayUpscaler,
+        fn_constructor_kwargs={"options": options},
+        batch_size=1,
+        compute=ActorPoolStrategy(size=workers),
+        num_gpus=1 if gpu else 0,
+        num_cpus=0 if gpu else 1,
+        max_restarts=3,
+        max_task_retries=3,
+    )
 
 
 # ------------------------------------------------------------------------------------------- reporting
