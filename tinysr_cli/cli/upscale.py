@@ -101,6 +101,8 @@ def upscale_command(
     from tinysr_cli.errors import TinySRError
     from tinysr_cli.io import video
 
+    if workers is not None and ray is None:
+        raise TinySRError("--workers needs --ray")
     if scale is not None and (width is not None or height is not None):
         raise TinySRError("--scale cannot be combined with --width/--height")
     try:
