@@ -12,6 +12,7 @@ from tinysr_cli.cli import console
 _ENGINE = "Engine"
 _OUTPUT = "Output"
 _VIDEO = "Video"
+_CLUSTER = "Cluster"
 
 
 def upscale_command(
@@ -93,6 +94,21 @@ def upscale_command(
     ] = False,
     video_only: Annotated[bool, typer.Option("--video-only", help="Upscale videos only, skip images.")] = False,
     images_only: Annotated[bool, typer.Option("--images-only", help="Upscale images only, skip videos.")] = False,
+    ray: Annotated[Optional[str], typer.Option(
+            "--ray", metavar="ADDRESS",
+            help="Run on Ray (pip install 'tinysr\\[ray]'): local (a Ray instance on this machine), auto (the cluster "
+            "`ray start` joined) or ray://HOST:10001. One model per worker; see docs/distributed.md.",
+            rich_help_panel=_CLUSTER,
+        )] = None,
+    workers: Annotated[Optional[int], typer.Option(
+            min=1, help="Ray workers (default: one per GPU, or per CPU on a CPU cluster).", rich_help_panel=_CLUSTER
+        )] = None,
+    shard: Annotated[Optional[str], typer.Option(
+            "--shard", metavar="K/N",
+            help="Only the inputs of shard K (from 0) of N, for job arrays (Slurm, Kubernetes): "
+            "sha256 of the input path mod N, so give every shard the same arguments.",
+            rich_help_panel=_CLUSTER,
+        )] = None,
 ) -> None:
     """Upscale images and videos 4x with TinySR."""
     from tinysr_cli.cli.upscale_run import BatchOptions, input_kind, plan_inputs, run_batch
@@ -100,6 +116,8 @@ def upscale_command(
     from tinysr_cli.errors import TinySRError
     from tinysr_cli.io import video
 
+    if workers is not None and ray is None:
+        raise TinySRError("--workers needs --ray")
     check_options(scale=scale, width=width, height=height, tile=tile, tile_overlap=tile_overlap, batch_size=batch_size,
                   output_format=output_format)
     try:
@@ -116,6 +134,10 @@ def upscale_command(
         output_format=output_format,
         default_suffix=default_suffix(scale, width, height),
     )
+    if shard is not None:
+        from tinysr_cli.distributed import parse_shard, shard_plan
+
+        plan = shard_plan(plan, *parse_shard(shard))
     for chosen in sorted({codec or video.default_codec(job.output) for job in plan.jobs if input_kind(job.source) == "video"}):
         video.check_settings(chosen, crf, pix_fmt)
     options = BatchOptions(
@@ -136,7 +158,12 @@ def upscale_command(
         pix_fmt=pix_fmt,
         keep_partial=keep_partial,
     )
-    failures = run_batch(plan, options)
+    if ray is not None:
+        from tinysr_cli.distributed import run_cluster
+
+        failures = run_cluster(plan, options, address=ray, workers=workers)
+    else:
+        failures = run_batch(plan, options)
     if failures:
         raise typer.Exit(1)
 
