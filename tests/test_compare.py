@@ -156,6 +156,7 @@ def test_without_ground_truth_crops_follow_the_first_method(folders, tmp_path):
 def test_learned_metrics_bold_the_lowest_and_unavailable_ones_are_noted(folders, tmp_path, monkeypatch):
     class MeanAbsolute:  # a stand-in for pyiqa's LPIPS: lower is better
         needs_reference = True
+        implementation = "a stand-in for the test"
 
         def score(self, pred, gt):
             return float((pred - gt).abs().mean())
@@ -165,7 +166,7 @@ def test_learned_metrics_bold_the_lowest_and_unavailable_ones_are_noted(folders,
             return MeanAbsolute()
         raise metrics.MetricUnavailable("its weights are not cached")
 
-    monkeypatch.setattr(metrics, "load_learned_metric", load)
+    monkeypatch.setattr(metrics, "load_metric", load)
     out = tmp_path / "page.html"
     result = invoke("compare", "--gt", folders["gt"], "--pred", f"bicubic={folders['bicubic']}", "--pred",
                     f"nearest={folders['nearest']}", "-m", "psnr,lpips,niqe", "--device", "cpu", "--crop-size", CROP, "-o", out)

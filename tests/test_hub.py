@@ -211,8 +211,10 @@ def test_gated_repo_says_how_to_get_access(hub, home, weights):
     assert Path(granted["path"]).read_bytes() == weights[1]
 
 
-def test_unpublished_default_model_makes_no_request(hub, home):
-    [result] = resolve(client_env(home, hub.endpoint), "-")
+def test_unpublished_model_makes_no_request_and_the_bundled_default_needs_none(hub, home):
+    [default] = resolve(client_env(home, hub.endpoint), "-")
+    assert Path(default["path"]).name == "tinysr-small-x4.safetensors" and hub.requests == []
+    [result] = resolve(client_env(home, hub.endpoint), "tinysr-x4")
     assert result["error"] == "model 'tinysr-x4' is not published on the Hugging Face Hub yet (intended repo: tinysr/tinysr-x4)"
     assert "import-official" in result["hint"] and "gdown" in result["hint"]
     assert hub.requests == []
@@ -303,7 +305,7 @@ def config_home(tmp_path, monkeypatch) -> Path:
 def test_builtin_registry_names_the_authors_model_without_invented_hashes(config_home):
     registry = load_registry()
     entry = registry.get("tinysr-x4")
-    assert registry.default == "tinysr-x4" and registry.default_origin == "built-in registry"
+    assert registry.default == "tinysr-small-x4" and registry.default_origin == "built-in registry"
     assert entry is not None and entry.published is False
     assert entry.sha256 is None and entry.size is None
     assert entry.filename.endswith(".safetensors")
@@ -332,7 +334,7 @@ def test_model_specs(config_home, tmp_path):
         ("hf://team/tiny/model.ckpt", "pickled checkpoints are not loaded", "import-official"),
         ("team/tiny@main/model.pth", "pickled checkpoints are not loaded", "import-official"),
         ("models/missing.safetensors", "no such file", "hf://owner/name/FILE"),
-        ("nope", "unknown model 'nope' (registered: tinysr-x4)", "owner/name"),
+        ("nope", "unknown model 'nope' (registered: tinysr-small-x4, tinysr-x4)", "owner/name"),
         ("hf://datasets/team/data", "only model repos hold weights", None),
         ("https://drive.google.com/file/d/abc/view", "not a Hub model", "download files from elsewhere"),
         ("team/tiny@main/config.json", "config.json is not a .safetensors file", None),

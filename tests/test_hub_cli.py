@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from hubserver import HubServer, client_env
+from tinysr_cli.weights.registry import load_registry
 
 TOKEN = "hf_test_token"
 
@@ -62,8 +63,9 @@ def test_download_list_path_verify_remove(hub, env, files):
     configure(env, f'[models.team-x4]\nrepo_id = "team/x4"\nfilename = "model.safetensors"\nrevision = "{commit}"\nsha256 = "{sha256(team)}"\nsize = {len(team)}\n')
 
     listed = json.loads(tinysr(env, "list", "--json").stdout)
-    assert {m["name"]: m["cached_path"] for m in listed["models"]} == {"tinysr-x4": None, "team-x4": None}
-    assert listed["default"] == "tinysr-x4" and listed["cache"] == str(Path(env["HF_HOME"]) / "hub")
+    bundled = str(load_registry().get("tinysr-small-x4").bundled_path())
+    assert {m["name"]: m["cached_path"] for m in listed["models"]} == {"tinysr-small-x4": bundled, "tinysr-x4": None, "team-x4": None}
+    assert listed["default"] == "tinysr-small-x4" and listed["cache"] == str(Path(env["HF_HOME"]) / "hub")
 
     downloaded = tinysr(env, "download", "team-x4", "--quiet")
     assert downloaded.returncode == 0, downloaded.stderr
@@ -160,9 +162,10 @@ def test_pickles_local_files_and_unpublished_models(hub, env, tmp_path, files):
     assert kept.returncode == 1 and "is a local file, not a cached Hub model" in kept.stderr
     assert files["s3"].exists()
 
-    unpublished = tinysr(env, "download")  # the default: the authors' model, not on the Hub yet
+    unpublished = tinysr(env, "download", "tinysr-x4")  # the authors' model, not on the Hub yet
     assert unpublished.returncode == 1 and unpublished.stdout == ""
     assert "Error: model 'tinysr-x4' is not published on the Hugging Face Hub yet" in unpublished.stderr
     assert "gdown" in unpublished.stderr and "import-official" in unpublished.stderr
-    assert "not published" in tinysr(env, "path").stderr
+    assert "not published" in tinysr(env, "path", "tinysr-x4").stderr
+    assert tinysr(env, "path").stdout.strip().endswith("tinysr-small-x4.safetensors")  # the bundled default
     assert hub.requests == []

@@ -202,7 +202,7 @@ def test_planted_blocks_are_exact_identities() -> None:
 
 @pytest.mark.parametrize("inter_block", [True, False])
 def test_search_prunes_exactly_the_planted_identities(inter_block: bool) -> None:
-    decision = _search(planted_teacher([1, 2, 4, 7], seed=3), inter_block, seed=3)
+    decision = _search(planted_teacher([1, 2, 4, 7], seed=3), inter_block, seed=3, steps=200)
     assert decision.kept_layers == [0, 3, 5, 6]
 
 

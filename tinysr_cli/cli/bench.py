@@ -63,6 +63,7 @@ def _measure(results, step, weights, target, dtype, size, large, runs, batch_siz
     from tinysr_cli import bench
     from tinysr_cli.engine.pixel import load_pixel_upscaler
     from tinysr_cli.engine.upscaler import UpscaleOptions, Upscaler
+    from tinysr_cli.errors import TinySRError
 
     step("timing our engine ...")
     ours = Upscaler(weights, device=target, dtype=dtype, options=UpscaleOptions(batch_size=batch_size))

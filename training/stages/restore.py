@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from tinysr_cli.errors import TinySRError
+from training.data import derive_seed
 from training.discriminator import DiscriminatorSpec, build_discriminator
 from training.losses import build_perceptual, regression_loss
 from training.stages.cache import ensure_cache
@@ -97,6 +98,7 @@ def run_restore_stage(recipe: Recipe, output_dir: Path, resume: bool, reporter: 
     pixel_space = spec.phase == 2
     cache = ensure_cache(accelerator, recipe, reporter, fields=("z_lq", "z_teacher", "hq") if pixel_space else ("z_lq", "z_teacher"))
 
+    torch.manual_seed(derive_seed(run.spec.seed, "init"))  # the seed alone, whatever building the cache consumed
     model, kept, lora = _initial_student(recipe, run, reporter)
     trainable = [p for n, p in model.named_parameters() if "lora_" in n or (spec.train_modulation and n in ("modulation", "final_modulation"))]
     model.requires_grad_(False)

@@ -17,6 +17,7 @@ import torch
 from tinysr_cli.atomic import atomic_path
 from tinysr_cli.errors import TinySRError
 from tinysr_cli.models.vae import TinyVAE, VAEConfig
+from training.data import derive_seed
 from training.discriminator import DiscriminatorSpec, build_discriminator
 from training.latent_cache import bicubic_input
 from training.losses import build_perceptual, regression_loss
@@ -83,6 +84,8 @@ def run_vae_stage(recipe: Recipe, output_dir: Path, resume: bool, reporter: Repo
     if channels != config.latent_channels:
         raise TinySRError(f"[student.vae] latent_channels is {config.latent_channels}, the teacher's latents have {channels}")
 
+    # Initial weights from the seed alone, whatever building the cache consumed before.
+    torch.manual_seed(derive_seed(run.spec.seed, "init"))
     vae = TinyVAE(config)
     perceptual = None
     if spec.perceptual_weight > 0:
