@@ -226,3 +226,22 @@ def test_recipe_errors_name_the_key(tmp_path, package):
     recipe.write_text(recipe.read_text().replace("hr_size = 64", "hr_size = 60").replace("batchsize = 3\n", ""))
     with pytest.raises(TinySRError, match=r"hr_size 60 must be a multiple of 32"):
         run_stage("distill", recipe)
+
+
+def test_own_photos_replace_the_manifest(tmp_path, package, one_thread):
+    """`tinysr train --stage distill --data DIR`: every image of DIR trains, DIR/validation validates."""
+    from skimage import data
+
+    photos = tmp_path / "mine"
+    (photos / "trip" ).mkdir(parents=True)
+    (photos / "validation").mkdir()
+    Image.fromarray(data.rocket()[:200, :200]).save(photos / "trip" / "rocket.png")
+    Image.fromarray(data.coffee()[:200, :200]).save(photos / "coffee.jpg", quality=95)
+    Image.fromarray(data.chelsea()[:100, :100]).save(photos / "validation" / "cat.png")
+    recipe = _recipe(tmp_path / "a", package)
+    result = run_stage("distill", recipe, data=photos)
+    _, info = load_weights(result.output)
+    assert info.provenance["data"] == str(photos) and info.provenance["data_files"] == 2
+    assert "data_manifest" not in info.provenance
+    assert not (tmp_path / "a/data/photos").exists()  # the manifest's photos were never prepared
+    assert (tmp_path / "a/runs/distill/validation/step-000003/0.png").is_file()

@@ -62,6 +62,9 @@ def train_command(
     stop_at_step: Annotated[
         Optional[int], typer.Option(min=1, help="Checkpoint and exit after this step (for time-limited jobs); continue with --resume.")
     ] = None,
+    data: Annotated[
+        Optional[Path], typer.Option("--data", help="distill: train on your own photos (a folder, searched recursively) instead of the recipe's photo manifest.")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes; errors only.")] = False,
 ) -> None:
     """Train TinySR: run one stage of a recipe (needs `pip install "tinysr\\[train]"`)."""
@@ -71,6 +74,8 @@ def train_command(
 
     if stage not in STAGES:
         raise TinySRError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    if data is not None and stage != "distill":
+        raise TinySRError("--data is for --stage distill; the other stages read [data] from their recipe")
     missing = [name for name in ("accelerate", "peft", "training") if importlib.util.find_spec(name) is None]
     if missing:
         raise TinySRError(f"training needs the train extra ({', '.join(missing)} missing)", hint='pip install "tinysr[train]"')
@@ -95,7 +100,7 @@ def train_command(
                 console.stdout.print(str(decision), markup=False)
             return
         try:
-            result = run_stage(stage, config, output=output, resume=resume, reporter=reporter, stop_at_step=stop_at_step)
+            result = run_stage(stage, config, output=output, resume=resume, reporter=reporter, stop_at_step=stop_at_step, data=data)
         except LaunchError:
             if not main_process:  # every process refuses; the main one says why, once
                 time.sleep(1)  # and is not killed by the launcher before it does

@@ -20,8 +20,10 @@ def run_stage(
     resume: bool = False,
     reporter: Reporter | None = None,
     stop_at_step: int | None = None,
+    data: Path | None = None,
 ) -> StageResult:
-    """Run one stage of a recipe. ``output`` overrides the run folder (the weights file for export)."""
+    """Run one stage of a recipe. ``output`` overrides the run folder (the weights file for export);
+    ``data`` (distill only) is a folder of the user's own photos that replaces the recipe's manifest."""
     if stage not in STAGES:
         raise TinySRError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     recipe = load_recipe(recipe_path)
@@ -41,7 +43,7 @@ def run_stage(
     if stage == "distill":
         from training.stages.distill import run_distill_stage
 
-        return run_distill_stage(recipe, output_dir, resume, reporter, stop_at_step)
+        return run_distill_stage(recipe, output_dir, resume, reporter, stop_at_step, data)
     if stage == "vae":
         from training.stages.vae import run_vae_stage
 

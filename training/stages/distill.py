@@ -236,10 +236,9 @@ def build_pairs(folder: Path, files: list[Path], teacher: Teacher, count: int, d
 
 
 def _crops_of(files: list[Path], data: DistillData) -> HRCrops:
-    folder = files[0].parent
-    if any(f.parent != folder for f in files):
-        raise TinySRError("the photos of one split must share a folder")
-    return HRCrops([folder], data.hr_size, data.seed)
+    crops = HRCrops([files[0].parent], data.hr_size, data.seed)
+    crops.files = sorted(files)  # exactly this split's files, wherever they are
+    return crops
 
 
 # ----------------------------------------------------------------------------- the model's forward paths
@@ -306,7 +305,18 @@ def validate(model: TinySR, pairs: PairsCache, perceptual, folder: Path | None) 
 # ----------------------------------------------------------------------------- the stage
 
 
-def run_distill_stage(recipe: Recipe, output_dir: Path, resume: bool, reporter: Reporter, stop_at_step: int | None = None) -> StageResult:
+def _own_photos(folder: Path) -> dict[str, list[Path]]:
+    """A user's folder: every image trains; a sub-folder named ``validation`` (optional) validates."""
+    from training.data import list_images
+
+    validation = folder / "validation"
+    files = [p for p in list_images([folder]) if validation not in p.parents]
+    return {"train": files, "validation": list_images([validation]) if validation.is_dir() else []}
+
+
+def run_distill_stage(
+    recipe: Recipe, output_dir: Path, resume: bool, reporter: Reporter, stop_at_step: int | None = None, own_photos: Path | None = None
+) -> StageResult:
     recipe.require("run")
     spec, data = parse_distill(recipe)
     started = time.monotonic()
@@ -315,10 +325,15 @@ def run_distill_stage(recipe: Recipe, output_dir: Path, resume: bool, reporter: 
     if accelerator.num_processes > 1:
         raise TinySRError("the distill stage runs in one process", hint="launch it without `accelerate launch --num_processes`")
 
-    photos = prepare_photos(data.manifest, data.photos_dir, data.debs_dir)
+    if own_photos is not None:
+        photos = _own_photos(Path(own_photos).resolve())
+        pairs_dir = run.output_dir / PAIRS_DIR
+        extra = {"hr_size": data.hr_size, "photos": str(Path(own_photos).resolve())}
+    else:
+        photos = prepare_photos(data.manifest, data.photos_dir, data.debs_dir)
+        pairs_dir = data.photos_dir.parent / PAIRS_DIR
+        extra = {"hr_size": data.hr_size, "manifest": data.manifest.digest}
     teacher = Teacher(spec.teacher)
-    pairs_dir = data.photos_dir.parent / PAIRS_DIR
-    extra = {"hr_size": data.hr_size, "manifest": data.manifest.digest}
     train_pairs = build_pairs(pairs_dir, photos["train"], teacher, spec.samples, data, {**extra, "split": "train"}, reporter, "train")
     val_pairs = (
         build_pairs(pairs_dir, photos["validation"], teacher, spec.validation_samples, data, {**extra, "split": "validation"}, reporter, "validation")
@@ -400,8 +415,8 @@ def run_distill_stage(recipe: Recipe, output_dir: Path, resume: bool, reporter: 
             "stage": "distill",
             "recipe": recipe.path.name,
             "recipe_toml": recipe.raw,
-            "data_manifest": data.manifest.path.name,
-            "data_manifest_sha256": data.manifest.digest,
+            **({"data_manifest": data.manifest.path.name, "data_manifest_sha256": data.manifest.digest} if own_photos is None
+               else {"data": str(Path(own_photos).resolve()), "data_files": len(photos["train"])}),
             "teacher": spec.teacher,
             "license": spec.license,
             "steps": run.step,
