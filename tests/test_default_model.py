@@ -74,3 +74,11 @@ def test_a_damaged_bundled_file_is_refused(monkeypatch, tmp_path):
     entry = dataclasses.replace(registry.get("tinysr-small-x4"), sha256="0" * 64)
     with pytest.raises(WeightsError, match="the bundled model 'tinysr-small-x4' is damaged"):
         hub._bundled_file(entry)
+
+
+def test_the_configured_default_may_be_a_pixel_space_model(tmp_path):
+    Image.fromarray(photo(size=(24, 30))).save(tmp_path / "in.png")
+    by_env = run_cli("upscale", tmp_path / "in.png", "-o", tmp_path / "env.png", env={"TINYSR_MODEL": "bicubic"})
+    by_flag = run_cli("upscale", tmp_path / "in.png", "-o", tmp_path / "flag.png", "--model", "bicubic")
+    assert by_env.returncode == 0 and by_flag.returncode == 0, by_env.stderr
+    assert (tmp_path / "env.png").read_bytes() == (tmp_path / "flag.png").read_bytes()

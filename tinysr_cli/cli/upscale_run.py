@@ -42,6 +42,7 @@ from tinysr_cli.io.paths import Job, Plan, plan_jobs
 from tinysr_cli.models.tinysr import UPSCALE
 from tinysr_cli.weights.format import RANDOM_INIT_WARNING, load_weights
 from tinysr_cli.weights.hub import resolve_model
+from tinysr_cli.weights.registry import load_registry
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,9 @@ def plan_inputs(inputs: list[str], output: Path | None, *, video_only: bool, ima
 def load_upscaler(options: BatchOptions) -> Upscaler | PixelUpscaler:
     device = resolve_device(options.device)
     dtype = resolve_precision(options.precision, device)
-    pixel = load_pixel_upscaler(options.model, device, dtype, tile=options.engine.tile * 8)
+    # TINYSR_MODEL or the config file may name a pixel-space model too.
+    spec = options.model if options.model is not None else load_registry().default
+    pixel = load_pixel_upscaler(spec, device, dtype, tile=options.engine.tile * 8)
     if pixel is not None:
         return pixel
     model, info = load_weights(resolve_model(options.model, progress=not options.quiet))
