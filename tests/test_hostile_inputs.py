@@ -347,6 +347,9 @@ def _interrupted_batch(tmp_path: Path, tiny_weights: Path, sig: int) -> tuple[Pa
     process = subprocess.Popen(
         [sys.executable, "-m", "tinysr_cli", "upscale", str(inputs), "-o", str(out), "--model", str(tiny_weights)],
         stdout=write_end, stderr=subprocess.PIPE, text=True, env=env,
+        # A test runner started in the background of a non-interactive shell inherits SIGINT ignored,
+        # and so would the batch (as POSIX wants for background jobs): give it the terminal default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     os.close(write_end)
     while not (out / "1.png").exists() and process.poll() is None:  # a wait for an event, not a timed assertion
