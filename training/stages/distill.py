@@ -51,7 +51,6 @@ MODEL_FILE = "model.safetensors"
 PAIRS_DIR = "pairs"
 VALIDATION_DIR = "validation"
 DATA_KEYS = ("manifest", "photos_dir", "debs_dir", "hr_size", "seed", "degradation")
-PHASES = ("autoencoder", "latent", "pixel")
 
 
 @dataclass(frozen=True)
