@@ -11,6 +11,7 @@ from PIL import Image
 
 from cli_helpers import run_cli, tree_digest
 from conftest import photo
+from tinysr_cli.io.images import encode_png16
 
 
 def _small(path, name="astronaut", size=(30, 40)):
@@ -228,6 +229,10 @@ def test_library_noise_is_one_line_naming_the_file(tmp_path, tiny_weights):
     Image.fromarray(flat).save(folder / "exif.jpg", exif=b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x05\x00\x0f\x01\x02\x00")
     Image.fromarray(flat).save(folder / "icc.png", icc_profile=bytes(range(256)) + b"x" * 44)
     (folder / "bad\nname.png").write_text("not a picture")
+    # libpng (inside OpenCV, which decodes 16-bit files) and libtiff print from C, past Python's warnings
+    deep = (photo("coffee", (24, 32)).astype(np.uint16) * 257)
+    (folder / "icc16.png").write_bytes(encode_png16(deep, {"icc_profile": b"\x00" * 300}))
+    (folder / "bad.tif").write_bytes(b"II*\x00\x08\x00\x00\x00" + b"\xff" * 200)
     out = tmp_path / "out"
     result = run_cli("upscale", folder, "-o", out, "--model", tiny_weights)
     assert result.returncode == 1
@@ -235,8 +240,12 @@ def test_library_noise_is_one_line_naming_the_file(tmp_path, tiny_weights):
     assert f"Warning: {folder / 'exif.jpg'}: Corrupt EXIF data. Expecting to read 12 bytes but only got 4." in lines
     assert f"Warning: {folder / 'icc.png'}: its ICC profile (300 bytes) is damaged and is not copied to the output" in lines
     assert any(line.startswith(f"Error: {folder}/bad\\nname.png: not an image file") for line in lines), lines
+    assert f"Warning: {folder / 'icc16.png'}: its ICC profile (300 bytes) is damaged and is not copied to the output" in lines
+    assert any(line.startswith(f"Error: {folder / 'bad.tif'}: not an image file") for line in lines), lines
     assert "UserWarning" not in result.stderr and "warnings.warn" not in result.stderr
+    assert "libpng" not in result.stderr and "TIFF" not in result.stderr, result.stderr
     assert "icc_profile" not in Image.open(out / "icc.png").info
+    assert np.asarray(Image.open(out / "icc16.png")).shape[:2] == (96, 128)
 
 
 def test_a_config_file_that_is_not_utf8_is_named(tmp_path, tiny_weights):

@@ -17,6 +17,7 @@ from tinysr_cli.io.animated import load_animation, save_animation
 from tinysr_cli.io.images import (
     bleed_transparent,
     encode_png16,
+    png_pixel_chunks,
     load_image,
     plan_output,
     probe_image,
@@ -273,3 +274,15 @@ def test_animated_transparency_is_kept(tmp_path):
     animation = load_animation(tmp_path / "t.png")
     assert [f.alpha is not None for f in animation.frames] == [True, True]
     assert torch.equal(animation.frames[1].alpha[0, 0] == 0, torch.arange(20) < 10)
+
+
+def test_png_pixel_chunks_keep_the_pixels_and_drop_the_metadata():
+    samples = (photo("coffee", (20, 28)).astype(np.uint16) * 257)
+    metadata = {"icc_profile": b"\x00" * 300, "exif": b"Exif\x00\x00II*\x00", "xmp": b"<x/>"}
+    full = encode_png16(samples, metadata)
+    pixels_only = png_pixel_chunks(full)
+    assert len(pixels_only) < len(full) and b"iCCP" not in pixels_only and b"eXIf" not in pixels_only
+    decoded = cv2.imdecode(np.frombuffer(pixels_only, np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1]
+    assert np.array_equal(decoded, samples)
+    assert png_pixel_chunks(full + b"trailing") == pixels_only  # bytes after IEND are not pixels
+    assert png_pixel_chunks(full[:40]) == full[:40]  # truncated: handed on unchanged, OpenCV words the error

@@ -154,10 +154,53 @@ def open_image(path: Path, max_pixels: int) -> Iterator[Image.Image]:
 def _unidentified(path: Path) -> str:
     """The message for a file Pillow cannot identify; float colour TIFFs get their own."""
     if path.suffix.lower() in {".tif", ".tiff"}:
-        samples = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        samples = opencv_decode(path)
         if samples is not None and samples.dtype.kind == "f":
             return f"{path}: floating-point colour TIFF is not supported (floating-point grayscale is)"
     return f"{path}: not an image file (or not one of the formats tinysr reads: {', '.join(sorted(IMAGE_SUFFIXES))})"
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_PIXEL_CHUNKS = frozenset({b"IHDR", b"PLTE", b"tRNS", b"IDAT", b"IEND"})
+_OPENCV_LOG_GUARD = threading.Lock()
+
+
+def opencv_decode(path: Path) -> np.ndarray | None:
+    """``cv2.imdecode`` of ``path`` without the C libraries' chatter on the user's terminal.
+
+    libpng prints its warnings about ancillary chunks (a damaged iCCP profile is common) straight
+    to the process's stderr, so a PNG reaches OpenCV with only the chunks that carry pixels;
+    Pillow has already read and checked its metadata. OpenCV's own log (libtiff's errors go
+    there) is silenced for the call. Returns None when OpenCV cannot decode the file: the caller
+    words that as one line naming the file.
+    """
+    data = path.read_bytes()
+    if data.startswith(_PNG_SIGNATURE):
+        data = png_pixel_chunks(data)
+    with _OPENCV_LOG_GUARD:
+        saved = cv2.utils.logging.getLogLevel()
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+        try:
+            return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        finally:
+            cv2.utils.logging.setLogLevel(saved)
+
+
+def png_pixel_chunks(data: bytes) -> bytes:
+    """The PNG in ``data`` with only IHDR, PLTE, tRNS, IDAT and IEND (unchanged if it has no IEND)."""
+    kept, offset = [_PNG_SIGNATURE], len(_PNG_SIGNATURE)
+    while offset + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[offset : offset + 4])
+        end = offset + 12 + length
+        if end > len(data):
+            return data
+        kind = data[offset + 4 : offset + 8]
+        if kind in _PNG_PIXEL_CHUNKS:
+            kept.append(data[offset:end])
+        if kind == b"IEND":
+            return b"".join(kept)
+        offset = end
+    return data
 
 
 def _check_regular_file(path: Path) -> None:
@@ -266,7 +309,7 @@ def _cmyk_to_rgb(image: Image.Image, metadata: dict) -> tuple[np.ndarray, bool, 
 def _decode_high_depth(path: Path, image: Image.Image, bit_depth: int) -> tuple[np.ndarray, bool]:
     """16-bit and float samples through OpenCV (Pillow truncates 16-bit colour to 8 bits)."""
     grayscale = _is_grayscale_file(path, image)
-    samples = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    samples = opencv_decode(path)
     if samples is None:
         raise InputError(f"{path}: cannot read image, OpenCV could not decode this {bit_depth}-bit file")
     if samples.ndim == 3:
