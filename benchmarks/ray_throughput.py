@@ -47,7 +47,7 @@ def main() -> None:
     import ray
     import torch
 
-    from tinysr_cli.cli.upscale_run import BatchOptions, plan_inputs
+    from tinysr_cli.pipeline import BatchOptions, plan_inputs
     from tinysr_cli.distributed import run_local, run_ray
     from tinysr_cli.engine.upscaler import UpscaleOptions
     from tinysr_cli.weights.format import init_weights, save_weights

@@ -16,7 +16,8 @@ from conftest import photo
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
-from tinysr_cli.cli.upscale_run import BatchOptions, plan_inputs, run_batch  # noqa: E402
+from tinysr_cli.cli.upscale_run import run_batch  # noqa: E402
+from tinysr_cli.pipeline import BatchOptions, plan_inputs  # noqa: E402
 from tinysr_cli.distributed import FAULT_ENV, run_ray  # noqa: E402
 from tinysr_cli.engine.upscaler import UpscaleOptions  # noqa: E402
 

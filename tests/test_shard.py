@@ -10,7 +10,8 @@ from PIL import Image
 
 from cli_helpers import tree_digest
 from conftest import photo
-from tinysr_cli.cli.upscale_run import BatchOptions, plan_inputs, run_batch
+from tinysr_cli.cli.upscale_run import run_batch
+from tinysr_cli.pipeline import BatchOptions, plan_inputs
 from tinysr_cli.engine.upscaler import UpscaleOptions
 from tinysr_cli.distributed import parse_shard, shard_of, shard_plan
 from tinysr_cli.errors import TinySRError

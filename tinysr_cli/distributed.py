@@ -141,15 +141,13 @@ class Worker:
     @property
     def upscaler(self):
         if self._upscaler is None:
-            from tinysr_cli.cli.upscale_run import load_upscaler
+            from tinysr_cli.pipeline import load_upscaler
 
             self._upscaler = load_upscaler(self.options)
         return self._upscaler
 
     def __call__(self, job: Job) -> Outcome:
-        from rich.progress import Progress
-
-        from tinysr_cli.cli.upscale_run import input_kind, process_image, process_video
+        from tinysr_cli.pipeline import input_kind, process_image, process_video
 
         source = str(job.source)
         if job.output.exists() and not self.options.overwrite:  # done meanwhile (another shard, a retry)
@@ -158,10 +156,9 @@ class Worker:
         try:
             _maybe_fault(job.source)
             if input_kind(job.source) == "video":
-                with Progress(disable=True) as bar:
-                    written = process_video(self.upscaler, job, self.options, bar)
+                written = process_video(self.upscaler, job, self.options).output
             else:
-                written = process_image(self.upscaler, job, self.options, None)
+                written = process_image(self.upscaler, job, self.options).output
         except TinySRError as exc:
             message = str(exc) + (f" ({exc.hint})" if getattr(exc, "hint", None) else "")
             return Outcome(source, None, "failed", message, time.perf_counter() - started, _worker_name())

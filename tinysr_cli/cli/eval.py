@@ -422,10 +422,9 @@ def _upscale_folder(
     lr_folder: Path, out: Path, model: str, device: str, precision: str, overwrite: bool, quiet: bool
 ) -> dict[str, str]:
     """Upscale every LR image into ``out`` as PNG; returns failures by name. Existing results are reused."""
-    from tinysr_cli.cli.upscale_run import BatchOptions, load_upscaler, process_image
-    from tinysr_cli.engine.upscaler import UpscaleOptions
     from tinysr_cli.errors import TinySRError
     from tinysr_cli.io.paths import plan_jobs
+    from tinysr_cli.pipeline import BatchOptions, load_upscaler, upscale_job
 
     if not lr_folder.is_dir():
         raise TinySRError(f"{lr_folder}: no such folder (the LR images of --dataset)")
@@ -438,25 +437,23 @@ def _upscale_folder(
             console.note(f"reusing {len(plan.jobs) - len(pending)} upscaled image(s) already in {out} (--overwrite redoes them)")
     if not pending:
         return {}
-    options = BatchOptions(
-        model=model, device=device, precision=precision, engine=UpscaleOptions(), scale=None, width=None, height=None,
-        quality=95, overwrite=True, quiet=quiet, strip_metadata=True,
-    )
-    upscaler = load_upscaler(options)
+    options = BatchOptions(model=model, device=device, precision=precision, overwrite=True, quiet=quiet, strip_metadata=True)
+    upscaler = load_upscaler(options, warn=console.warn)
     failures: dict[str, str] = {}
     with _progress(quiet) as bar:
         files = bar.add_task("upscaling", total=len(pending))
         tiles = bar.add_task("tiles", total=None)
         for job in pending:
             bar.update(files, description=f"upscaling {job.source.name}")
-            try:
-                process_image(upscaler, job, options, lambda _stage, done, total: bar.update(tiles, completed=done, total=total))
-            except TinySRError as exc:
-                failures[job.source.stem] = str(exc)
-                console.error(str(exc))
-            except (OSError, ValueError, RuntimeError, MemoryError) as exc:
-                failures[job.source.stem] = f"{job.source}: {type(exc).__name__}: {exc}"
-                console.error(failures[job.source.stem])
+            result = upscale_job(
+                upscaler, job, options, progress=lambda _stage, done, total: bar.update(tiles, completed=done, total=total)
+            )
+            if not quiet:
+                for warning in result.warnings:
+                    console.warn(warning)
+            if result.status == "failed":
+                failures[job.source.stem] = result.message
+                console.error(result.message)
             bar.advance(files)
     return failures
 

@@ -111,10 +111,11 @@ def upscale_command(
         )] = None,
 ) -> None:
     """Upscale images and videos 4x with TinySR."""
-    from tinysr_cli.cli.upscale_run import BatchOptions, input_kind, plan_inputs, run_batch
+    from tinysr_cli.cli.upscale_run import run_batch
     from tinysr_cli.engine.upscaler import UpscaleOptions
     from tinysr_cli.errors import TinySRError
     from tinysr_cli.io import video
+    from tinysr_cli.pipeline import BatchOptions, input_kind, plan_inputs
 
     if workers is not None and ray is None:
         raise TinySRError("--workers needs --ray")
