@@ -72,8 +72,10 @@ def test_untiled_single_tile_matches_the_plain_model(tiny_model):
     image = _tensor(photo("astronaut", (128, 128)))
     out = Upscaler(tiny_model, options=UpscaleOptions(color_fix="none")).upscale(image)
     bicubic = F.interpolate(image[None], scale_factor=4, mode="bicubic", align_corners=False)
+    plain = copy.deepcopy(tiny_model)
+    plain.vae.to(memory_format=torch.channels_last)  # the engine's layout for the VAE (same maths, its rounding)
     with torch.no_grad():
-        expected = (tiny_model(bicubic * 2 - 1) + 1) / 2
+        expected = (plain(bicubic * 2 - 1) + 1) / 2
     assert (out - expected[0].clamp(0, 1)).abs().max() < 1e-5
 
 

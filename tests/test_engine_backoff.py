@@ -140,3 +140,62 @@ def test_nan_in_fp32_is_a_clear_error(tiny_model, latent):
     model.transformer = AlwaysNaN(model.transformer)
     with pytest.raises(TinySRError, match="NaN/inf values even in fp32"):
         _velocity(Upscaler(model, options=UpscaleOptions(tile=32, tile_overlap=8)), latent)
+
+
+@pytest.mark.parametrize("part", ["encoder", "decoder"])
+def test_oom_in_the_vae_splits_the_tile_and_gives_the_same_result(tiny_model, part):
+    """The VAE backs off like the backbone: a tile that does not fit is made of half-side tiles, exactly."""
+    image = torch.from_numpy(photo("astronaut", (96, 80))).permute(2, 0, 1).float()[None] / 255
+    whole = Upscaler(tiny_model, options=UpscaleOptions(vae_tile=128))
+    flaky = Upscaler(tiny_model, options=UpscaleOptions(vae_tile=128))
+    sides = []
+    limit = 256 if part == "encoder" else 32  # encoder inputs are pixels, decoder inputs latent pixels
+
+    def refuse_large(module, args):
+        sides.append(max(args[0].shape[-2:]))
+        if sides[-1] > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    getattr(flaky.model.vae, part).register_forward_pre_hook(refuse_large)
+    with torch.inference_mode():
+        expected, got = whole.upscale_batch(image), flaky.upscale_batch(image)
+    assert torch.equal(got, expected)
+    assert sides[0] > limit and len(sides) > 2 and sides[-1] <= limit  # refused, then done in smaller tiles
+    assert not getattr(tiny_model.vae, part)._forward_pre_hooks  # the caller's model never saw the hook
+
+
+def test_vae_oom_on_the_smallest_tile_is_a_clear_error(tiny_model):
+    upscaler = Upscaler(tiny_model)
+
+    def refuse(module, args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    upscaler.model.vae.decoder.register_forward_pre_hook(refuse)
+    with pytest.raises(TinySRError, match="out of memory on cpu even for a 10x10 latent-pixel VAE tile"), torch.inference_mode():
+        upscaler._decode(torch.zeros(1, 16, 40, 40))
+
+
+def test_the_callers_model_is_left_as_it_was(tiny_model):
+    model = copy.deepcopy(tiny_model).train()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    upscaler = Upscaler(model, dtype=torch.bfloat16)
+    upscaler.upscale(torch.rand(3, 40, 48, generator=torch.Generator().manual_seed(0)))
+    assert model.training and all(m.training for m in model.modules())
+    for name, tensor in model.state_dict().items():
+        assert tensor.dtype == torch.float32 and tensor.device.type == "cpu" and tensor.is_contiguous(), name
+        assert torch.equal(tensor, before[name]), name
+    assert upscaler.model.transformer.proj_out.weight.dtype == torch.bfloat16 and not upscaler.model.training
+
+
+def test_an_upscaler_in_the_models_own_precision_shares_its_tensors(tiny_model):
+    upscaler = Upscaler(tiny_model)
+    assert upscaler.model.transformer.proj_out.weight is tiny_model.transformer.proj_out.weight
+
+
+def test_from_pretrained_loads_and_places_by_name(tiny_weights, tiny_model):
+    upscaler = Upscaler.from_pretrained(str(tiny_weights), device="cpu", precision="bf16")
+    assert upscaler.device == torch.device("cpu") and upscaler.dtype == torch.bfloat16
+    expected = tiny_model.transformer.proj_out.weight.to(torch.bfloat16)
+    assert torch.equal(upscaler.model.transformer.proj_out.weight, expected)
+    with pytest.raises(TinySRError, match="fp16 is not supported on the CPU"):
+        Upscaler.from_pretrained(str(tiny_weights), device="cpu", precision="fp16")

@@ -47,8 +47,6 @@ from tinysr_cli.io.images import (
 )
 from tinysr_cli.io.paths import Job, Plan, plan_jobs
 from tinysr_cli.models.tinysr import UPSCALE
-from tinysr_cli.weights.format import RANDOM_INIT_WARNING, load_weights
-from tinysr_cli.weights.hub import resolve_model
 from tinysr_cli.weights.registry import load_registry
 
 # What one bad file may raise without stopping a batch (anything else is a bug or an interrupt).
@@ -156,11 +154,10 @@ def load_upscaler(options: BatchOptions, warn: Callable[[str], None] | None = No
     pixel = load_pixel_upscaler(spec, device, dtype, tile=options.engine.tile * 8)
     if pixel is not None:
         return pixel
-    model, info = load_weights(resolve_model(options.model, progress=not options.quiet))
-    if info.random_init and warn is not None:
-        warn(RANDOM_INIT_WARNING.format(path=info.path))
     try:
-        return Upscaler(model, device=device, dtype=dtype, options=options.engine, default_color_fix=info.color_fix)
+        return Upscaler.from_pretrained(
+            options.model, device=device, precision=dtype, options=options.engine, progress=not options.quiet, warn=warn
+        )
     except ValueError as exc:  # the model's own tile limits
         if "tile" in str(exc):
             raise TinySRError(f"--tile {options.engine.tile} / --tile-overlap {options.engine.tile_overlap}: {exc}") from None

@@ -32,9 +32,9 @@ def bench_command(
     Ctrl-C stops the run and prints what was measured so far.
     """
     from tinysr_cli.engine.device import resolve_device, resolve_precision
+    from tinysr_cli.engine.upscaler import UpscaleOptions, Upscaler
     from tinysr_cli.errors import TinySRError
-    from tinysr_cli.weights.format import init_weights, load_weights
-    from tinysr_cli.weights.hub import resolve_model
+    from tinysr_cli.weights.format import init_weights
 
     if size % 16 or size < 16:
         raise TinySRError("--size must be a positive multiple of 16")
@@ -43,7 +43,11 @@ def bench_command(
     on_gpu = target.type != "cpu"
     large = (2048 if on_gpu else 1024) if large is None else large
     runs = (10 if on_gpu else 3) if runs is None else runs
-    weights = load_weights(resolve_model(model))[0] if model else init_weights(config, seed=0)
+    engine = UpscaleOptions(batch_size=batch_size)
+    if model:
+        ours = Upscaler.from_pretrained(model, device=target, precision=dtype, options=engine, warn=console.warn)
+    else:
+        ours = Upscaler(init_weights(config, seed=0), device=target, dtype=dtype, options=engine)
 
     def step(message: str) -> None:
         if not json_output:
@@ -51,7 +55,7 @@ def bench_command(
 
     results = []
     try:
-        _measure(results, step, weights, target, dtype, size, large, runs, batch_size, official, tsdsr, span, realesrgan, compile_model)
+        _measure(results, step, ours, target, dtype, size, large, runs, official, tsdsr, span, realesrgan, compile_model)
     except KeyboardInterrupt:
         if not results:
             raise
@@ -59,14 +63,13 @@ def bench_command(
     _report(results, target, dtype, size, large, json_output)
 
 
-def _measure(results, step, weights, target, dtype, size, large, runs, batch_size, official, tsdsr, span, realesrgan, compile_model) -> None:
+def _measure(results, step, ours, target, dtype, size, large, runs, official, tsdsr, span, realesrgan, compile_model) -> None:
     from tinysr_cli import bench
     from tinysr_cli.engine.pixel import load_pixel_upscaler
     from tinysr_cli.engine.upscaler import UpscaleOptions, Upscaler
     from tinysr_cli.errors import TinySRError
 
     step("timing our engine ...")
-    ours = Upscaler(weights, device=target, dtype=dtype, options=UpscaleOptions(batch_size=batch_size))
     results.append(bench.measure_upscaler("tinysr", ours, size, large, runs, f"batch {ours.batch_size}, folded, merged"))
     if compile_model:
         step("timing our engine with torch.compile ...")

@@ -8,13 +8,13 @@ for SPAN x4 (radius 21). Images stay on the CPU in float32; only tiles visit the
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from tinysr_cli.engine.base import ImageUpscaler, placed
 from tinysr_cli.engine.tiling import run_with_context
 from tinysr_cli.errors import TinySRError
 
@@ -41,7 +41,7 @@ def receptive_radius(model: nn.Module, architecture: str = "") -> int:
     return radius
 
 
-class PixelUpscaler:
+class PixelUpscaler(ImageUpscaler):
     """Runs a pixel-space ``model`` ([N,3,H,W] in [0,1] -> [N,3,sH,sW]) in tiles on ``device``/``dtype``."""
 
     def __init__(
@@ -65,7 +65,7 @@ class PixelUpscaler:
         self.scale = scale
         self.device = torch.device(device)
         self.dtype = dtype
-        self.model = model.to(self.device, dtype).eval().requires_grad_(False)
+        self.model = placed(model, self.device, dtype)  # ``model`` itself is left as it was
         self.context = receptive_radius(model) if context is None else context
         self.tile = tile or DEFAULT_TILE
         self._fp32: nn.Module | None = None
@@ -82,9 +82,7 @@ class PixelUpscaler:
     @torch.inference_mode()
     def upscale_batch(self, images: torch.Tensor, progress: ProgressCallback | None = None) -> torch.Tensor:
         """[N, 3, H, W] -> [N, 3, sH, sW]."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected [N, 3, H, W] images, got {tuple(images.shape)}")
-        images = images.to("cpu", torch.float32)
+        images = self.check_images(images)
         height, width = images.shape[-2:]
         total = math.ceil(height * self.scale / self.tile) * math.ceil(width * self.scale / self.tile)
         done = 0
@@ -106,7 +104,7 @@ class PixelUpscaler:
         out = self.model(window.to(self.device, self.dtype))
         if self.dtype != torch.float32 and not bool(torch.isfinite(out).all()):
             if self._fp32 is None:
-                self._fp32 = copy.deepcopy(self.model).float()
+                self._fp32 = placed(self.model, self.device, torch.float32)
             out = self._fp32(window.to(self.device, torch.float32))
         return out.to("cpu", torch.float32)
 

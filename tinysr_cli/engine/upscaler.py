@@ -9,7 +9,6 @@ serve several threads.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import re
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tinysr_cli.engine import color
+from tinysr_cli.engine.base import ImageUpscaler, placed
 from tinysr_cli.engine.tiling import Tile, blend_tiles, plan_tiles, run_with_context
 from tinysr_cli.errors import TinySRError
 from tinysr_cli.models.tinysr import UPSCALE, TinySR
@@ -64,10 +64,11 @@ class UpscaleOptions:
             raise ValueError("batch_size must be >= 0 and vae_tile >= 8")
 
 
-class Upscaler:
+class Upscaler(ImageUpscaler):
     """Runs ``model`` on ``device`` in ``dtype``; inputs and outputs are float32 CPU tensors in [0, 1].
 
-    The upscaler takes ownership of ``model``: it is moved to ``device`` and cast to ``dtype`` in place.
+    ``model`` itself is left as it was: the upscaler runs a placed copy (sharing the tensors that are
+    already on ``device`` in ``dtype``). :meth:`from_pretrained` loads and places a model by name.
     """
 
     def __init__(
@@ -97,12 +98,10 @@ class Upscaler:
         # reduced-precision failure is recomputed from the original weights, not from rounded ones.
         self._vae_master = None
         if dtype != torch.float32:
-            self._vae_master = copy.deepcopy(model.vae).to("cpu", torch.float32).eval().requires_grad_(False)
+            self._vae_master = placed(model.vae, torch.device("cpu"), torch.float32)
         self._vae_retry: dict[torch.dtype, torch.nn.Module] = {}  # retry copies on the device, made on first need
         self._vae_retry_lock = threading.Lock()
-        self.model = model.to(self.device, dtype).eval().requires_grad_(False)
-        # Depthwise/pointwise convs run about 2x faster in channels-last layout (measured on CPU).
-        self.model.vae.to(memory_format=torch.channels_last)
+        self.model = placed(model, self.device, dtype, channels_last=("vae",))
         self.downscale = config.vae.downscale
         self.pad_multiple = self.downscale * patch
         self.min_lr_side = config.min_lr_side
@@ -117,6 +116,32 @@ class Upscaler:
             self._auto_tiles = choose_batch_size(free, per_tile)
         self.batch_size = options.batch_size or self._auto_tiles
         self._compiled = _compile_backbone(self.model.transformer, options.compile)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        spec: str | Path | None = None,
+        *,
+        device: torch.device | str = "auto",
+        precision: str | torch.dtype = "auto",
+        options: UpscaleOptions = UpscaleOptions(),
+        progress: bool = True,
+        warn: Callable[[str], None] | None = None,
+    ) -> Upscaler:
+        """The TinySR model ``spec`` names (registry name, owner/name[@revision], hf:// URI, local file;
+        None: the configured default), on ``device`` ("auto": CUDA, MPS, then CPU) in ``precision``
+        ("auto": fp16 on a GPU, fp32 on the CPU; or fp32, fp16, bf16, a torch dtype), with the colour
+        fix its file names. ``warn`` hears about a file with random weights."""
+        from tinysr_cli.engine.device import resolve_device, resolve_precision
+        from tinysr_cli.weights.format import RANDOM_INIT_WARNING, load_weights
+        from tinysr_cli.weights.hub import resolve_model
+
+        device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        dtype = precision if isinstance(precision, torch.dtype) else resolve_precision(precision, device)
+        model, info = load_weights(resolve_model(None if spec is None else str(spec), progress=progress))
+        if info.random_init and warn is not None:
+            warn(RANDOM_INIT_WARNING.format(path=info.path))
+        return cls(model, device=device, dtype=dtype, options=options, default_color_fix=info.color_fix)
 
     def tiles_per_pass(self, frames: int) -> int:
         """Backbone tiles per forward pass for ``frames`` images at once (each tile carries every frame).
@@ -156,9 +181,7 @@ class Upscaler:
     @torch.inference_mode()
     def upscale_batch(self, images: torch.Tensor, progress: ProgressCallback | None = None) -> torch.Tensor:
         """[N, 3, H, W] -> [N, 3, 4H, 4W]; all images share one tile grid, so equal inputs give equal outputs."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected [N, 3, H, W] images, got {tuple(images.shape)}")
-        images = images.to("cpu", torch.float32)
+        images = self.check_images(images)
         height, width = images.shape[-2:]
         work = self._enlarge_small(images)
         bicubic = F.interpolate(work, scale_factor=UPSCALE, mode="bicubic", align_corners=False)
@@ -206,8 +229,34 @@ class Upscaler:
     def _decode(self, latent: torch.Tensor) -> torch.Tensor:
         return self._run_vae("decode", latent)
 
-    def _run_vae(self, method: str, x: torch.Tensor) -> torch.Tensor:
-        """One VAE tile; NaN/inf in reduced precision is recomputed in bf16 (from fp16), then fp32."""
+    def _run_vae(self, method: str, x: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        """One VAE tile; NaN/inf in reduced precision is recomputed in bf16 (from fp16), then fp32.
+        Out of device memory, the tile is computed from tiles of half its side (``tile``: its side in
+        latent pixels), exactly, as all VAE tiling is."""
+        try:
+            out = self._finite_vae(method, x)
+        except torch.cuda.OutOfMemoryError:
+            out = None  # handled below, once the exception (and the tensors it holds) is gone
+        if out is not None:
+            return out
+        self.free_device_cache()
+        decode = method == "decode"
+        side = (tile or max(x.shape[-2:]) // (1 if decode else self.downscale)) // 2  # latent pixels
+        if side < MIN_TILE:
+            raise TinySRError(
+                f"out of memory on {self.device} even for a {side * 2}x{side * 2} latent-pixel VAE tile",
+                hint="use --precision fp16/bf16 or --device cpu",
+            )
+        return run_with_context(
+            x,
+            lambda part: self._run_vae(method, part, side),
+            upscale=self.downscale if decode else 1,
+            downscale=1 if decode else self.downscale,
+            tile=side * self.downscale if decode else side,
+            context=self.decoder_context if decode else self.encoder_context,
+        )
+
+    def _finite_vae(self, method: str, x: torch.Tensor) -> torch.Tensor:
         out = getattr(self.model.vae, method)(self._vae_input(x, self.dtype))
         if bool(torch.isfinite(out).all()):
             return self.to_host(out).contiguous()
@@ -233,9 +282,15 @@ class Upscaler:
     def _retry_vae(self, dtype: torch.dtype) -> torch.nn.Module:
         with self._vae_retry_lock:
             if dtype not in self._vae_retry:
-                vae = copy.deepcopy(self._vae_master).to(self.device, dtype)
-                self._vae_retry[dtype] = vae.to(memory_format=torch.channels_last)
+                self._vae_retry[dtype] = placed(self._vae_master, self.device, dtype, channels_last=("",))
             return self._vae_retry[dtype]
+
+    def free_device_cache(self) -> None:
+        """Return the allocator's cached blocks, so that a retry after an out-of-memory error can use them."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        elif self.device.type == "mps":
+            torch.mps.empty_cache()
 
     def to_device(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """CPU tensor -> device; on CUDA through pinned memory with a non-blocking copy."""
@@ -331,7 +386,8 @@ class _BackboneRun:
     - Out of device memory: free the allocator's cache, halve the number of tiles per forward pass
       (kept for the rest of this call), and once a single tile fails, compute that tile from tiles
       of half its side blended the same way; the same tile is retried, nothing is skipped.
-    - NaN/inf in a reduced-precision output: recompute those tiles with an fp32 copy of the backbone.
+    - NaN/inf in a reduced-precision output: recompute those tiles with an fp32 copy of the backbone
+      on the CPU (slow, but it never asks a device short of memory for twice the weights).
     Everything learnt lives on this per-call object, never on the ``Upscaler``.
     """
 
@@ -352,7 +408,7 @@ class _BackboneRun:
             except torch.cuda.OutOfMemoryError:
                 out = None  # handled below, once the exception (and the tensors it holds) is gone
             if out is None:
-                self._free_cache()
+                self.upscaler.free_device_cache()
                 if len(chunk) > 1:
                     self.limit = max(1, len(chunk) // 2)
                     continue
@@ -367,10 +423,10 @@ class _BackboneRun:
         out = self._backbone(crops)
         if bool(torch.isfinite(out).all()):
             return upscaler.to_host(out)
-        if upscaler.dtype != torch.float32:
-            out = self._fp32_model()(upscaler.to_device(crops, torch.float32))
+        if upscaler.dtype != torch.float32:  # on the CPU: the device may have no room for an fp32 copy
+            out = self._fp32_model()(crops.to("cpu", torch.float32))
             if bool(torch.isfinite(out).all()):
-                return upscaler.to_host(out)
+                return out
         raise TinySRError(
             "the model produced NaN/inf values even in fp32",
             hint="the weights may be corrupt: check them with `tinysr weights verify`",
@@ -391,8 +447,9 @@ class _BackboneRun:
         return compiled(upscaler.to_device(crops, upscaler.dtype))[:count]
 
     def _fp32_model(self) -> torch.nn.Module:
+        """The backbone's weights in fp32 on the CPU (the same rounded values), made on first need."""
         if "model" not in self.fp32_cache:
-            self.fp32_cache["model"] = copy.deepcopy(self.upscaler.model.transformer).float()
+            self.fp32_cache["model"] = placed(self.upscaler.model.transformer, torch.device("cpu"), torch.float32)
         return self.fp32_cache["model"]
 
     def _halve_tile(self, tile: Tile) -> torch.Tensor:
@@ -409,9 +466,3 @@ class _BackboneRun:
         sub_tiles = plan_tiles(*region.shape[-2:], side, overlap)
         sub_run = _BackboneRun(self.upscaler, region, side, overlap, 1, self.fp32_cache)
         return blend_tiles(tuple(region.shape), sub_tiles, sub_run, 1)
-
-    def _free_cache(self) -> None:
-        if self.upscaler.device.type == "cuda":
-            torch.cuda.empty_cache()
-        elif self.upscaler.device.type == "mps":
-            torch.mps.empty_cache()
