@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import photo
@@ -37,9 +38,27 @@ def test_a_folder_upscales_to_results_equal_to_the_engine_on_each_image(tmp_path
 
     again = {r.source.name: r for r in upscale_files([folder], out, options)}  # a re-run resumes: nothing redone
     assert again["a.png"].status == again["b.png"].status == "skipped"
-    assert again["a.png"].message == f"skipped {folder / 'a.png'}: {out / 'a.png'} exists (use --overwrite)"
+    assert again["a.png"].message == f"skipped {folder / 'a.png'}: {out / 'a.png'} exists (use overwrite)"
 
 
 def test_the_pipeline_imports_no_cli_library():
     code = "import sys, tinysr_cli.pipeline; print(sorted({'typer', 'rich', 'click'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_library_errors_name_the_argument_and_the_cli_names_the_flag(tmp_path, tiny_weights):
+    from cli_helpers import run_cli
+
+    from tinysr_cli.engine.upscaler import Upscaler
+    from tinysr_cli.errors import TinySRError
+
+    with pytest.raises(TinySRError) as caught:
+        Upscaler.from_pretrained(str(tiny_weights), device="cpu", precision="fp16")
+    assert caught.value.option == "precision" and caught.value.hint == "use precision bf16 or fp32"
+    assert "--" not in str(caught.value) + caught.value.hint
+    Image.fromarray(photo("astronaut", (24, 20))).save(tmp_path / "a.png")
+    result = run_cli("upscale", tmp_path / "a.png", "--model", tiny_weights, "--device", "cpu", "--precision", "fp16")
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-2:] == [
+        "Error: fp16 is not supported on the CPU (slow and inaccurate there)", "Hint: use --precision bf16 or fp32",
+    ]

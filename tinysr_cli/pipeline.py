@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tinysr_cli.engine.device import resolve_device, resolve_precision
 from tinysr_cli.engine.pixel import PixelUpscaler, load_pixel_upscaler
 from tinysr_cli.engine.upscaler import ProgressCallback, UpscaleOptions, Upscaler, available_memory
-from tinysr_cli.errors import TinySRError
+from tinysr_cli.errors import TinySRError, python_text
 from tinysr_cli.io import video
 from tinysr_cli.io.animated import ANIMATION_SUFFIXES, load_animation, plan_animation_output, save_animation
 from tinysr_cli.io.images import (
@@ -80,11 +80,20 @@ class Result:
     source: Path
     output: Path | None  # the file written (its format may have switched); None unless done
     status: str
-    message: str = ""  # why it was skipped or failed, naming the file
-    hint: str | None = None
+    # Why it was skipped or failed, naming the file; options as {opt:NAME} (see tinysr_cli.errors).
+    message_template: str = ""
+    hint_template: str | None = None
     warnings: tuple[str, ...] = ()  # each names its file
     notes: tuple[str, ...] = ()
     seconds: float = 0.0
+
+    @property
+    def message(self) -> str:
+        return python_text(self.message_template)
+
+    @property
+    def hint(self) -> str | None:
+        return None if self.hint_template is None else python_text(self.hint_template)
 
 
 Upscalers = Upscaler | PixelUpscaler
@@ -121,7 +130,7 @@ def plan_inputs(
     every input, named ones too (a shell glob arrives as names). Our own earlier outputs found by
     a scan are left out; containers with audio but no picture are skipped with a note."""
     if video_only and images_only:
-        raise TinySRError("--video-only and --images-only exclude each other")
+        raise TinySRError("{opt:video_only} and {opt:images_only} exclude each other", option="video_only")
     wanted = {"video"} if video_only else {"image"} if images_only else {"image", "video"}
     note = "not a video" if video_only else "not an image" if images_only else "not an image or video"
     plan = plan_jobs(
@@ -160,7 +169,9 @@ def load_upscaler(options: BatchOptions, warn: Callable[[str], None] | None = No
         )
     except ValueError as exc:  # the model's own tile limits
         if "tile" in str(exc):
-            raise TinySRError(f"--tile {options.engine.tile} / --tile-overlap {options.engine.tile_overlap}: {exc}") from None
+            raise TinySRError(
+                f"{{opt:tile}} {options.engine.tile} / {{opt:tile_overlap}} {options.engine.tile_overlap}: {exc}", option="tile"
+            ) from None
         raise
 
 
@@ -239,7 +250,7 @@ def input_conflict(job: Job, output: Path, inputs: frozenset[Path]) -> str | Non
 
 
 def _exists_message(job: Job, output: Path) -> str:
-    return f"skipped {job.source}: {output} exists (use --overwrite)"
+    return f"skipped {job.source}: {output} exists (use {{opt:overwrite}})"
 
 
 def _claim_output(job: Job, output: Path, options: BatchOptions, inputs: frozenset[Path]) -> str | None:
@@ -330,7 +341,10 @@ def process_video(
     """Upscale one video exactly 4x, streamed; raises on failure (with ``keep_partial``, a failure's
     or an interrupt's exception carries ``partial``: where the playable start was kept)."""
     if options.scale is not None or options.width or options.height:
-        raise TinySRError(f"{job.source}: --scale, --width and --height apply to images; videos are upscaled 4x")
+        raise TinySRError(
+            f"{job.source}: {{opt:scale}}, {{opt:width}} and {{opt:height}} apply to images; videos are upscaled 4x",
+            option="scale", path=job.source,
+        )
     partial = video.partial_path(job.output)
     try:
         result = video.upscale_video(
@@ -378,14 +392,14 @@ def upscale_job(
         if isinstance(exc, TinySRError):
             # Messages name their file already; the engine's (NaN/inf) get the input's name.
             named = str(exc).startswith((str(job.source), str(job.output.parent), "/"))
-            message, hint = (str(exc) if named else f"{job.source}: {exc}"), exc.hint
+            message, hint = (exc.template if named else f"{job.source}: {exc.template}"), exc.hint_template
         else:
             message, hint = f"{job.source}: {type(exc).__name__}: {exc}", None
         partial = getattr(exc, "partial", None)
         notes = (f"kept the part written so far in {partial}",) if partial else ()
         return Result(job.source, None, "failed", message, hint, tuple(caught), notes, time.perf_counter() - started)
     return Result(
-        result.source, result.output, result.status, result.message, result.hint,
+        result.source, result.output, result.status, result.message_template, result.hint_template,
         result.warnings + tuple(caught), result.notes, time.perf_counter() - started,
     )
 

@@ -422,7 +422,7 @@ def _upscale_folder(
     lr_folder: Path, out: Path, model: str, device: str, precision: str, overwrite: bool, quiet: bool
 ) -> dict[str, str]:
     """Upscale every LR image into ``out`` as PNG; returns failures by name. Existing results are reused."""
-    from tinysr_cli.errors import TinySRError
+    from tinysr_cli.errors import TinySRError, cli_text
     from tinysr_cli.io.paths import plan_jobs
     from tinysr_cli.pipeline import BatchOptions, load_upscaler, upscale_job
 
@@ -452,8 +452,8 @@ def _upscale_folder(
                 for warning in result.warnings:
                     console.warn(warning)
             if result.status == "failed":
-                failures[job.source.stem] = result.message
-                console.error(result.message)
+                failures[job.source.stem] = cli_text(result.message_template)
+                console.error(failures[job.source.stem])
             bar.advance(files)
     return failures
 

@@ -113,7 +113,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except TinySRError as exc:
-        console.error(str(exc), hint=exc.hint)
+        console.error(exc.cli_message(), hint=exc.cli_hint())
         sys.exit(1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

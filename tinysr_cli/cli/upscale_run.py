@@ -13,7 +13,7 @@ from rich.text import Text
 
 from tinysr_cli import pipeline
 from tinysr_cli.cli import console
-from tinysr_cli.errors import TinySRError
+from tinysr_cli.errors import TinySRError, cli_text
 from tinysr_cli.io import video
 from tinysr_cli.io.paths import Plan
 from tinysr_cli.pipeline import BatchOptions, Result
@@ -25,7 +25,7 @@ def render(result: Result, quiet: bool, result_line=None) -> None:
         for warning in result.warnings:
             console.warn(warning)
     if result.status == "failed":
-        console.error(result.message, hint=result.hint)
+        console.error(cli_text(result.message_template), hint=result.hint_template and cli_text(result.hint_template))
     if not quiet:
         for note in result.notes:
             console.note(note)
@@ -34,7 +34,7 @@ def render(result: Result, quiet: bool, result_line=None) -> None:
         if not quiet and result.seconds:
             console.note(f"{result.source} -> {result.output} ({result.seconds:.1f} s)")
     elif result.status == "skipped" and not quiet:
-        console.note(result.message)
+        console.note(cli_text(result.message_template))
 
 
 def run_batch(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
@@ -55,7 +55,7 @@ def run_batch(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
     def record(result: Result, result_line=None) -> None:
         counts[result.status] += 1
         if result.status == "failed":
-            failures.append((result.source, result.message))
+            failures.append((result.source, cli_text(result.message_template)))
         render(result, options.quiet, result_line)
 
     def summary() -> None:

@@ -21,21 +21,24 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise TinySRError(f"unknown device {name!r}", hint="use auto, cpu, cuda, cuda:N or mps") from None
+        raise TinySRError(f"unknown device {name!r}", hint="use auto, cpu, cuda, cuda:N or mps", option="device") from None
     if device.type == "cuda":
         if torch.version.cuda is None and torch.version.hip is None:
             raise TinySRError(
                 "this PyTorch build has no CUDA support",
-                hint="install a CUDA build of torch (see pytorch.org) or use --device cpu",
+                hint="install a CUDA build of torch (see pytorch.org) or use {opt:device} cpu",
+                option="device",
             )
         if not torch.cuda.is_available():
-            raise TinySRError("no CUDA device is visible", hint="check the driver and CUDA_VISIBLE_DEVICES, or use --device cpu")
+            raise TinySRError(
+                "no CUDA device is visible", hint="check the driver and CUDA_VISIBLE_DEVICES, or use {opt:device} cpu", option="device"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise TinySRError(f"{name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+            raise TinySRError(f"{name}: only {torch.cuda.device_count()} CUDA device(s) are visible", option="device")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise TinySRError("MPS is not available on this machine", hint="use --device cpu")
+        raise TinySRError("MPS is not available on this machine", hint="use {opt:device} cpu", option="device")
     elif device.type not in {"cpu", "cuda", "mps"}:
-        raise TinySRError(f"unsupported device {name!r}", hint="use auto, cpu, cuda, cuda:N or mps")
+        raise TinySRError(f"unsupported device {name!r}", hint="use auto, cpu, cuda, cuda:N or mps", option="device")
     return device
 
 
@@ -68,9 +71,11 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float32 if device.type == "cpu" else torch.float16
     if name not in PRECISIONS:
-        raise TinySRError(f"unknown precision {name!r}", hint="use auto, fp32, fp16 or bf16")
+        raise TinySRError(f"unknown precision {name!r}", hint="use auto, fp32, fp16 or bf16", option="precision")
     if name == "fp16" and device.type == "cpu":
-        raise TinySRError("fp16 is not supported on the CPU (slow and inaccurate there)", hint="use --precision bf16 or fp32")
+        raise TinySRError(
+            "fp16 is not supported on the CPU (slow and inaccurate there)", hint="use {opt:precision} bf16 or fp32", option="precision"
+        )
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise TinySRError("this GPU does not support bf16", hint="use --precision fp16 or fp32")
+        raise TinySRError("this GPU does not support bf16", hint="use {opt:precision} fp16 or fp32", option="precision")
     return PRECISIONS[name]

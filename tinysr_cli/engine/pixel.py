@@ -59,7 +59,8 @@ class PixelUpscaler(ImageUpscaler):
         if dtype not in supported_dtypes:
             raise TinySRError(
                 f"{name} does not support {str(dtype).replace('torch.', '')}",
-                hint=f"use --precision {' or '.join(str(d).replace('torch.float', 'fp').replace('torch.b', 'b') for d in supported_dtypes)}",
+                option="precision",
+                hint=f"use {{opt:precision}} {' or '.join(str(d).replace('torch.float', 'fp').replace('torch.b', 'b') for d in supported_dtypes)}",
             )
         self.name = name
         self.scale = scale

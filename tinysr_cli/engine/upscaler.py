@@ -245,7 +245,7 @@ class Upscaler(ImageUpscaler):
         if side < MIN_TILE:
             raise TinySRError(
                 f"out of memory on {self.device} even for a {side * 2}x{side * 2} latent-pixel VAE tile",
-                hint="use --precision fp16/bf16 or --device cpu",
+                hint="use {opt:precision} fp16/bf16 or {opt:device} cpu",
             )
         return run_with_context(
             x,
@@ -459,7 +459,7 @@ class _BackboneRun:
         if side < MIN_TILE:
             raise TinySRError(
                 f"out of memory on {self.upscaler.device} even for one {self.tile}x{self.tile} latent tile",
-                hint="use --precision fp16/bf16, a smaller --tile, or --device cpu",
+                hint="use {opt:precision} fp16/bf16, a smaller {opt:tile}, or {opt:device} cpu",
             )
         region = self.latent[..., tile.y0 : tile.y1, tile.x0 : tile.x1]
         overlap = min(self.overlap // 2, side - 1)

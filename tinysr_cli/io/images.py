@@ -134,7 +134,8 @@ def open_image(path: Path, max_pixels: int) -> Iterator[Image.Image]:
                         raise InputError(
                             f"{path}: {width}x{height} is {width * height / 1e6:.1f} megapixels, over the limit of "
                             f"{max_pixels / 1e6:.1f} (a guard against decompression bombs)",
-                            hint="raise the limit with --max-pixels if you trust this file",
+                            hint="raise the limit with {opt:max_pixels} if you trust this file",
+                            option="max_pixels", path=path,
                         )
                     yield image
             finally:

@@ -160,7 +160,10 @@ def plan_jobs(
         and suffix_for(sources[0][0]) is None
         and FORMATS.get(output.suffix.lower()[1:]) != FORMATS[output_format.lower()]
     ):
-        raise TinySRError(f"-o {output} and --format {output_format} disagree", hint="give one of them, or matching ones")
+        raise TinySRError(
+            f"{{opt:output}} {output} and {{opt:output_format}} {output_format} disagree",
+            hint="give one of them, or matching ones", option="output_format",
+        )
     single_file_output = (
         output is not None
         and len(inputs) == 1
