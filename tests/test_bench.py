@@ -25,7 +25,7 @@ def test_official_style_baseline_computes_the_same_image():
     assert (ours - theirs).abs().max() < 1e-5
 
 
-def test_tsdsr_pipeline_runs_the_sd3_computation_at_small_size():
+def test_tsdsr_pipeline_runs_the_sd3_computation_at_small_size(capfd):
     transformer = dict(
         sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16, out_channels=16, pos_embed_max_size=32,
@@ -35,9 +35,12 @@ def test_tsdsr_pipeline_runs_the_sd3_computation_at_small_size():
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4,
         scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False,
     )
-    run = bench.tsdsr_pipeline(torch.device("cpu"), torch.float32, transformer, vae, prompt_tokens=5)
-    out = run(torch.rand(3, 16, 16))
-    assert out.shape == (1, 3, 64, 64) and out.min() >= -1 and out.max() <= 1
+    for dtype in (torch.float32, torch.bfloat16):
+        run = bench.tsdsr_pipeline(torch.device("cpu"), dtype, transformer, vae, prompt_tokens=5)
+        out = run(torch.rand(3, 16, 16)).float()
+        assert out.shape == (1, 3, 64, 64) and out.min() >= -1 and out.max() <= 1
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""  # no library notice (diffusers' "kept in float32: []")
 
 
 def test_bench_command_reports_each_pipeline_as_json():

@@ -391,3 +391,33 @@ def test_interrupted_batch_leaves_only_complete_files_and_resumes(tmp_path, tiny
     _assert_complete_outputs(out)
     assert sorted(p.name for p in out.iterdir()) == [f"{i}.png" for i in range(4)]  # no stale temporaries
     assert tree_digest(inputs) == before
+
+
+def test_interrupted_video_with_keep_partial_says_where_the_part_is_and_a_rerun_removes_it(tmp_path, tiny_weights):
+    av = pytest.importorskip("av")
+    from test_video import make_clip
+
+    source, out = tmp_path / "clip.mkv", tmp_path / "out"
+    make_clip(source, frames=240, size=(32, 24), audio=None)
+    out.mkdir()
+    command = ["upscale", str(source), "-o", str(out / "clip_x4.mkv"), "--model", str(tiny_weights), "--keep-partial"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tinysr_cli", *command],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    # Interrupted once the encoder has written frames (an event, not a delay): the temporary file grows.
+    while process.poll() is None and not any(p.name.startswith(".") and p.stat().st_size > 4096 for p in out.iterdir()):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=600)
+    partial = out / "clip_x4.partial.mkv"
+    assert process.returncode == 130, stderr
+    assert f"kept the part written so far in {partial}" in stderr
+    assert "interrupted: 0 done, 1 left; run the same command to resume" in stderr
+    with av.open(str(partial)) as container:
+        kept = sum(1 for _ in container.decode(video=0))
+    assert 0 < kept < 240
+    resumed = run_cli(*command)
+    assert resumed.returncode == 0, resumed.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["clip_x4.mkv"]  # the old part is gone with the whole video here
