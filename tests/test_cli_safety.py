@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from cli_helpers import run_cli, tree_digest
@@ -182,7 +183,16 @@ def test_empty_input_set_says_so(tmp_path, tiny_weights):
     assert result.stdout == ""
 
 
-def test_options_are_checked_before_the_model_loads(tmp_path):
+def test_options_are_checked_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """In process (the entry point and its error boundary, not a subprocess each: 12 cases)."""
+    from tinysr_cli.cli.main import main
+
+    def upscale(*args) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["tinysr", "upscale", *map(str, args)])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        return exit_.value.code, capsys.readouterr().err
+
     _small(tmp_path / "a.png")
     _small(tmp_path / "b.png")
     absent = tmp_path / "absent.safetensors"  # never reached: the options are refused first
@@ -198,14 +208,14 @@ def test_options_are_checked_before_the_model_loads(tmp_path):
         (["-o", tmp_path / "x.png", "--format", "webp"], f"Error: -o {tmp_path / 'x.png'} and --format webp disagree"),
     ]
     for args, message in cases:
-        result = run_cli("upscale", tmp_path / "a.png", *args, "-m", absent)
-        assert result.returncode == 1 and result.stderr.splitlines()[0] == message, (args, result.stderr)
-    two = run_cli("upscale", tmp_path / "a.png", tmp_path / "b.png", "-o", tmp_path / "out.png", "-m", absent)
-    assert two.returncode == 1
-    assert two.stderr.splitlines()[0] == f"Error: -o {tmp_path / 'out.png'}: names a file, but there are several inputs"
+        code, err = upscale(tmp_path / "a.png", *args, "-m", absent)
+        assert code == 1 and err.splitlines()[0] == message, (args, err)
+    code, err = upscale(tmp_path / "a.png", tmp_path / "b.png", "-o", tmp_path / "out.png", "-m", absent)
+    assert code == 1
+    assert err.splitlines()[0] == f"Error: -o {tmp_path / 'out.png'}: names a file, but there are several inputs"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
-    tile = run_cli("upscale", tmp_path / "a.png", "-t", "30", "-o", tmp_path / "t.png", "-m", absent)
-    assert "absent.safetensors: no such" in tile.stderr  # valid by itself; the model decides the rest
+    code, err = upscale(tmp_path / "a.png", "-t", "30", "-o", tmp_path / "t.png", "-m", absent)
+    assert code == 1 and "absent.safetensors: no such" in err  # valid by itself; the model decides the rest
 
 
 def test_thin_images_are_estimated_at_the_size_really_processed(tmp_path, tiny_weights):
