@@ -13,6 +13,11 @@ from tinysr_cli.io.video.common import _require_av, av
 # --codec name -> encoders to try, in order; CRF (default, highest accepted).
 ENCODERS = {"h264": ("libx264",), "hevc": ("libx265",), "vp9": ("libvpx-vp9",), "av1": ("libsvtav1", "libaom-av1")}
 CRF = {"h264": (18, 51), "hevc": (20, 51), "vp9": (24, 63), "av1": (28, 63)}
+# --pix-fmt value that keeps the source's chroma layout and bit depth (e.g. 10-bit 4:2:2), which
+# few players decode; the default is 4:2:0 in 8 bits, or 10 bits with these codecs.
+SOURCE_PIX_FMT = "source"
+_MAIN10_CODECS = ("hevc", "av1")
+_LAYOUTS = {"420": "4:2:0", "422": "4:2:2", "444": "4:4:4"}
 _ENCODER_OPTIONS = {
     "libx265": {"x265-params": "log-level=error"},
     "libvpx-vp9": {"b": "0", "row-mt": "1"},  # b=0: constant quality (CRF) mode
@@ -72,23 +77,46 @@ def _encoder_settings(codec: str, crf: int | None, pix_fmt: str | None) -> _Enco
         raise TinySRError(f"--crf for {codec} must be between 0 and {max_crf}, got {crf}")
     info = av.codec.Codec(name, "w")
     pix_fmts = tuple(f.name for f in info.video_formats or ())
-    if pix_fmt is not None:
+    if pix_fmt is not None and pix_fmt != SOURCE_PIX_FMT:
         encodable = [f for f in pix_fmts if _ENCODABLE_PIX_FMT.fullmatch(f)]
         if pix_fmt not in encodable:
-            raise TinySRError(f"{name} cannot write pixel format {pix_fmt!r}", hint=f"choose from {', '.join(encodable)}")
+            raise TinySRError(
+                f"{name} cannot write pixel format {pix_fmt!r}", hint=f"choose from {', '.join([SOURCE_PIX_FMT, *encodable])}"
+            )
     return _Encoder(name, info.canonical_name, default_crf if crf is None else crf, pix_fmts)
 
 
 def _choose_pix_fmt(encoder: _Encoder, source_fmt: str, requested: str | None) -> tuple[str, str | None]:
-    """The requested format, else the source's chroma layout and bit depth where the encoder has them.
+    """The output pixel format and, when it differs from the source's in depth or layout, one note.
 
-    Returns (pix_fmt, note); the note says when the source's bit depth could not be kept.
+    By default a format common players decode: 8-bit 4:2:0, or 10-bit 4:2:0 from a deeper source
+    when the codec is one whose Main 10 profile players handle (hevc, av1). ``SOURCE_PIX_FMT``
+    keeps the source's chroma layout and bit depth where the encoder has them; any other value is
+    used as given (validated by `_encoder_settings`).
     """
-    if requested is not None:
+    if requested is not None and requested != SOURCE_PIX_FMT:
         return requested, None
     match = _PLANAR_YUV.fullmatch(source_fmt)
     chroma = match[2] if match else "420"  # RGB and other sources: the widely playable layout
     depth = _bit_depth(source_fmt)
+    if requested == SOURCE_PIX_FMT:
+        return _closest_pix_fmt(encoder, chroma, depth)
+    deep = depth > 8 and encoder.canonical in _MAIN10_CODECS and "yuv420p10le" in encoder.pix_fmts
+    chosen = "yuv420p10le" if deep else "yuv420p"
+    if chosen not in encoder.pix_fmts:
+        return _closest_pix_fmt(encoder, "420", 10 if deep else 8)
+    bits = 10 if deep else 8
+    if (bits, "420") == (depth, chroma) or (depth <= 8 and chroma == "420"):
+        return chosen, None
+    keep = [] if deep or depth <= 8 else ["--codec hevc or av1 keeps 10 bits"]
+    keep.append(f"--pix-fmt {SOURCE_PIX_FMT} keeps {source_fmt}")
+    return chosen, (
+        f"the source is {depth}-bit {_LAYOUTS[chroma]}; writing {bits}-bit 4:2:0, which common players decode ({'; '.join(keep)})"
+    )
+
+
+def _closest_pix_fmt(encoder: _Encoder, chroma: str, depth: int) -> tuple[str, str | None]:
+    """The source's layout and depth where the encoder has them, else the nearest below (with a note)."""
     depths = [d for d in (12, 10) if d <= depth] + [8]
     for bits in depths:
         for layout in dict.fromkeys((chroma, "420")):

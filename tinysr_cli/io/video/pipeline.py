@@ -19,6 +19,7 @@ from tinysr_cli.io.images import prepare_output_folder
 from tinysr_cli.io.video.colour import _Colour
 from tinysr_cli.io.video.common import UPSCALE, _reason, _require_av, av
 from tinysr_cli.io.video.encoders import _choose_pix_fmt, _encoder_settings
+from tinysr_cli.io.video.hdr import HdrMetadata
 from tinysr_cli.io.video.formats import CONTAINERS, _container_codecs, partial_path
 from tinysr_cli.io.video.sink import _Sink
 from tinysr_cli.io.video.source import _batches, _Source
@@ -77,15 +78,21 @@ def upscale_video(
     crf: int | None = None,
     pix_fmt: str | None = None,
     keep_partial: bool = False,
+    skip_damaged: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: VideoProgressCallback | None = None,
 ) -> VideoResult:
     """Upscale every frame of ``src`` 4x into ``dst`` (container chosen by its suffix).
 
-    Raises InputError for a source that is not a readable video, TinySRError for settings the
-    build or container cannot honour. Nothing appears under ``dst`` unless the whole video was
-    written; with ``keep_partial`` an interrupted or failed run leaves what was encoded, playable,
-    at ``partial_path(dst)``.
+    ``pix_fmt``: None for a format common players decode (see `_choose_pix_fmt`), "source" for
+    the source's bit depth and chroma layout, or a pixel format name. HDR10 metadata is kept
+    where the encoder can write it (x264, x265, SVT-AV1), else a note says it was left out.
+
+    Raises InputError for a source that is not a readable video (or, unless ``skip_damaged``,
+    one whose decoder rejects a frame), TinySRError for settings the build or container cannot
+    honour. Nothing appears under ``dst`` unless the whole video was written; with
+    ``keep_partial`` an interrupted or failed run leaves what was encoded, playable, at
+    ``partial_path(dst)``.
     """
     _require_av()
     src, dst = Path(src), Path(dst)
@@ -103,22 +110,27 @@ def upscale_video(
 
     started = time.perf_counter()
     try:
-        with _Source(src) as source:
+        with _Source(src, skip_damaged) as source:
             first = source.first_frame
             colour = _Colour.of(first)
             chosen_pix_fmt, depth_note = _choose_pix_fmt(encoder, first.format.name, pix_fmt)
+            hdr = HdrMetadata.of(first)
+            hdr_note = None
+            if hdr is not None and hdr.encoder_options(encoder.name) is None:
+                hdr_note = f"HDR10 mastering metadata left out: {encoder.name} cannot write it (hevc and av1 can)"
             side = _plan_side_streams(source.container, source.video, container_format, dst.suffix)
-            notes = tuple(note for note in [depth_note, *(plan.note for plan in side)] if note)
+            notes = [note for note in [depth_note, hdr_note, *(plan.note for plan in side)] if note]
             batch = min(batch_size, source.estimated_frames or batch_size)
             prepare_output_folder(dst)
             with atomic_path(dst) as tmp:
-                sink = _Sink(tmp, container_format, encoder, chosen_pix_fmt, colour, source, side)
+                sink = _Sink(tmp, container_format, encoder, chosen_pix_fmt, colour, source, side, hdr)
                 try:
                     written = _Pipeline(source, sink, colour, upscale_frames, batch, progress, keep_partial).run()
                 except BaseException:
                     if keep_partial and sink.frames_written:
                         os.replace(tmp, partial_path(dst))
                     raise
+            damage = source.damage_note()
     except av.FFmpegError as exc:  # encoding or muxing; reading errors are InputErrors already
         raise TinySRError(f"{src}: writing {dst.name} failed ({_reason(exc)})") from exc
     return VideoResult(
@@ -129,7 +141,7 @@ def upscale_video(
         duration=float(sink.end_time - sink.start_time),
         encoder=encoder.name,
         pix_fmt=chosen_pix_fmt,
-        notes=notes,
+        notes=(*notes, damage) if damage else tuple(notes),
         elapsed=time.perf_counter() - started,
     )
 
