@@ -266,3 +266,20 @@ def test_a_damaged_header_is_reported_as_damaged_not_as_an_unsupported_codec(tmp
         with pytest.raises(InputError, match=r"garbled\.mov: damaged or not a video \("):
             upscale_video(src, tmp_path / "out.mov", bicubic_x4)
     assert not (tmp_path / "out.mov").exists()
+
+
+def test_cli_names_skip_damaged_and_goes_on_with_it(tmp_path, tiny_weights):
+    from cli_helpers import run_cli
+
+    whole, src, out = tmp_path / "whole.mp4", tmp_path / "damaged.mp4", tmp_path / "out.mp4"
+    make_clip(whole, frames=24, size=(16, 16), audio=None)
+    damage_packet(whole, src, 6)
+    refused = run_cli("upscale", src, "-o", out, "--model", tiny_weights)
+    assert refused.returncode == 1 and not out.exists()
+    assert f"Error: {src}: damaged at ~0." in refused.stderr
+    assert "Hint: --skip-damaged decodes past damaged frames" in refused.stderr
+
+    done = run_cli("upscale", src, "-o", out, "--model", tiny_weights, "--skip-damaged")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(out) and len(video_frames(out)) == 23
+    assert "damaged.mp4: 1 damaged frame(s) skipped, the frame before each shown longer" in done.stderr
