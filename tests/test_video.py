@@ -195,7 +195,7 @@ def test_output_frames_match_an_independent_reference(tmp_path):
     """Geometry and colour end to end: the decoded output against bicubic of the decoded input (swscale's RGB)."""
     src, dst = tmp_path / "ref.mkv", tmp_path / "ref_x4.mkv"
     make_clip(src, frames=4, size=(48, 32), audio=None, pix_fmt="yuv444p", options={"qp": "0"})
-    upscale_video(src, dst, bicubic_x4, crf=0)
+    upscale_video(src, dst, bicubic_x4, crf=0, pix_fmt="source")
     for source, output in zip(video_frames(src), video_frames(dst), strict=True):
         lr = torch.from_numpy(source.to_ndarray(format="rgb24")).permute(2, 0, 1)[None].float() / 255
         expected = bicubic_x4(lr)[0].permute(1, 2, 0).numpy() * 255
@@ -287,7 +287,7 @@ def test_ten_bit_video_keeps_ten_bit_precision_both_ways(tmp_path):
         seen.append(frames.clone())
         return bicubic_x4(frames)
 
-    result = upscale_video(src, dst, recording_upscaler, crf=0, batch_size=3)
+    result = upscale_video(src, dst, recording_upscaler, crf=0, batch_size=3, pix_fmt="source")
     assert result.pix_fmt == "yuv444p10le"
     # In: gray levels with full 10-bit precision (an 8-bit path would be off by up to 1/510).
     expected_in = (np.rint(np.linspace(64, 940, 96)) - 64) / 876
@@ -307,7 +307,7 @@ def test_ten_bit_falls_back_with_a_note_when_the_codec_has_no_ten_bit(tmp_path):
         pytest.skip("needs a VP9 encoder without 10-bit support (as in PyAV's wheels)")
     src = tmp_path / "ten.mkv"
     make_clip(src, frames=3, audio=None, pix_fmt="yuv420p10le")
-    result = upscale_video(src, tmp_path / "ten.webm", bicubic_x4, codec="vp9")
+    result = upscale_video(src, tmp_path / "ten.webm", bicubic_x4, codec="vp9", pix_fmt="source")
     assert result.pix_fmt == "yuv420p" and result.notes == ("libvpx-vp9 cannot write 10-bit video here; writing 8-bit",)
 
 
@@ -402,14 +402,14 @@ def write_broken_inputs(folder: Path) -> dict[str, Path]:
     make_clip(good_mp4, frames=12)
     make_clip(good_mkv, frames=25)
     cases = {}
-    cases["not a readable video"] = folder / "junk.mp4"
-    cases["not a readable video"].write_bytes(b"this is not a video " * 50)
+    cases["damaged or not a video"] = folder / "junk.mp4"
+    cases["damaged or not a video"].write_bytes(b"this is not a video " * 50)
     cases["truncated, the video stops"] = folder / "cut.mkv"
     cases["truncated, the video stops"].write_bytes(good_mkv.read_bytes()[: good_mkv.stat().st_size // 2])
-    cases["not a readable video "] = folder / "cut.mp4"  # the index (moov) is at the end: gone
-    cases["not a readable video "].write_bytes(good_mp4.read_bytes()[: good_mp4.stat().st_size // 2])
-    cases["video codec is not supported"] = folder / "unknown.mkv"
-    cases["video codec is not supported"].write_bytes(good_mkv.read_bytes().replace(b"V_MPEG4/ISO/AVC", b"V_QQQQQ/ISO/AVC"))
+    cases["damaged or not a video "] = folder / "cut.mp4"  # the index (moov) is at the end: gone
+    cases["damaged or not a video "].write_bytes(good_mp4.read_bytes()[: good_mp4.stat().st_size // 2])
+    cases["damaged or not a video (its video stream names no codec"] = folder / "unknown.mkv"
+    cases["damaged or not a video (its video stream names no codec"].write_bytes(good_mkv.read_bytes().replace(b"V_MPEG4/ISO/AVC", b"V_QQQQQ/ISO/AVC"))
     no_frames = folder / "empty.mkv"
     with av.open(str(no_frames), "w") as container:
         stream = container.add_stream("libx264", rate=25)
@@ -583,7 +583,7 @@ def test_cli_upscales_videos_in_a_folder_and_reports_the_broken_one(tmp_path, ti
     result = run_cli("upscale", folder, "-o", out, "--video-only", "--model", tiny_weights, "--crf", "20")
     assert result.returncode == 1, result.stderr  # broken.mov failed, the batch went on
     assert result.stdout.strip() == str(out / "clip.mkv")  # .dat is not a container we write: Matroska
-    assert f"{folder / 'broken.mov'}: not a readable video" in result.stderr
+    assert f"{folder / 'broken.mov'}: damaged or not a video" in result.stderr
     assert f"skipped {folder / 'still.png'}: not a video" in result.stderr
     assert "1 upscaled, 0 skipped, 1 failed" in result.stderr
     frames = video_frames(out / "clip.mkv")

@@ -71,6 +71,7 @@ class BatchOptions:
     crf: int | None = None
     pix_fmt: str | None = None
     keep_partial: bool = False
+    skip_damaged: bool = False
 
 
 @dataclass(frozen=True)
@@ -355,6 +356,7 @@ def process_video(
             crf=options.crf,
             pix_fmt=options.pix_fmt,
             keep_partial=options.keep_partial,
+            skip_damaged=options.skip_damaged,
             batch_size=1 if upscaler.device.type == "cpu" else video.DEFAULT_BATCH_SIZE,
             progress=progress,
         )

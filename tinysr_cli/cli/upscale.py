@@ -86,11 +86,24 @@ def upscale_command(
     ] = None,
     pix_fmt: Annotated[
         Optional[str],
-        typer.Option("--pix-fmt", help="e.g. yuv420p10le (default: the source's chroma layout and bit depth).", rich_help_panel=_VIDEO),
+        typer.Option(
+            "--pix-fmt",
+            help="e.g. yuv420p10le, or 'source' for the source's chroma layout and bit depth (default: 4:2:0 that common "
+            "players decode, 8-bit; 10-bit from a deeper source with hevc or av1).",
+            rich_help_panel=_VIDEO,
+        ),
     ] = None,
     keep_partial: Annotated[
         bool,
         typer.Option("--keep-partial", help="After a failure or Ctrl-C keep the playable start as NAME.partial.EXT.", rich_help_panel=_VIDEO),
+    ] = False,
+    skip_damaged: Annotated[
+        bool,
+        typer.Option(
+            "--skip-damaged",
+            help="Go on past frames the decoder rejects (counted in a note) instead of failing the video.",
+            rich_help_panel=_VIDEO,
+        ),
     ] = False,
     video_only: Annotated[bool, typer.Option("--video-only", help="Upscale videos only, skip images.")] = False,
     images_only: Annotated[bool, typer.Option("--images-only", help="Upscale images only, skip videos.")] = False,
@@ -158,6 +171,7 @@ def upscale_command(
         crf=crf,
         pix_fmt=pix_fmt,
         keep_partial=keep_partial,
+        skip_damaged=skip_damaged,
     )
     if ray is not None:
         from tinysr_cli.distributed import run_cluster
