@@ -28,11 +28,13 @@ import socket
 import time
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tinysr_cli.errors import TinySRError
 from tinysr_cli.io.paths import Job, Plan
+from tinysr_cli import storage
+from tinysr_cli.storage import UriJob, job_for
 
 __all__ = [
     "Outcome",
@@ -43,6 +45,7 @@ __all__ = [
     "triage",
     "run_local",
     "run_ray",
+    "run_here",
     "report",
 ]
 
@@ -99,17 +102,17 @@ def shard_plan(plan: Plan, index: int, count: int) -> Plan:
 def triage(plan: Plan, options) -> tuple[list[Job], list[Outcome]]:
     """The checks `tinysr upscale` makes before loading the model: jobs to run, and outcomes decided
     already (output is the input, two inputs sharing an output, existing outputs skipped)."""
-    pending: list[Job] = []
+    pending: list[Job | UriJob] = []
     decided: list[Outcome] = []
-    claimed: dict[Path, Path] = {}
+    claimed: dict[str, str] = {}
     for job in plan.jobs:
-        key = job.output.resolve()
-        if key == job.source.resolve():
+        key = storage.identity(job.output)
+        if key == storage.identity(job.source):
             decided.append(Outcome(str(job.source), None, "failed", f"{job.source}: the output path is the input file"))
         elif key in claimed:
             message = f"{job.source}: output {job.output} is also the output of {claimed[key]}"
             decided.append(Outcome(str(job.source), None, "failed", message))
-        elif job.output.exists() and not options.overwrite:
+        elif storage.exists(job.output) and not options.overwrite:
             decided.append(Outcome(str(job.source), str(job.output), "skipped", f"{job.output} exists (use --overwrite)"))
         else:
             claimed[key] = job.source
@@ -146,8 +149,11 @@ class Worker:
             self._upscaler = load_upscaler(self.options)
         return self._upscaler
 
-    def __call__(self, job: Job) -> Outcome:
+    def __call__(self, job: Job | UriJob) -> Outcome:
         from rich.progress import Progress
+
+        if isinstance(job, UriJob):
+            return self._call_uri(job)
 
         from tinysr_cli.cli.upscale_run import input_kind, process_image, process_video
 
@@ -172,6 +178,27 @@ class Worker:
         if written is None:
             return Outcome(source, None, "skipped", "the output exists (use --overwrite)", seconds, _worker_name())
         return Outcome(source, str(written), "done", "", seconds, _worker_name())
+
+    def _call_uri(self, job: UriJob) -> Outcome:
+        """The local path on a scratch copy of the input, the result published to the output URI."""
+        if not self.options.overwrite and storage.exists(job.output):
+            return Outcome(job.source, job.output, "skipped", f"{job.output} exists (use --overwrite)", worker=_worker_name())
+        started = time.perf_counter()
+        local = None
+        try:
+            with storage.staged(job) as local:
+                outcome = self(local)
+                if outcome.status == "done":
+                    published = storage.publish(Path(outcome.output), job, self.options.overwrite)
+                    if published is None:
+                        outcome = replace(outcome, output=None, status="skipped", message="the output exists (use --overwrite)")
+                    else:
+                        outcome = replace(outcome, output=published)
+        except TinySRError as exc:
+            return Outcome(job.source, None, "failed", str(exc), time.perf_counter() - started, _worker_name())
+        message = outcome.message.replace(str(local.source), job.source).replace(str(local.output), job.output)
+        output = job.output if outcome.status == "skipped" and outcome.output == str(local.output) else outcome.output
+        return replace(outcome, source=job.source, output=output, message=message, seconds=time.perf_counter() - started)
 
 
 def run_local(jobs: Iterable[Job], options) -> Iterator[Outcome]:
@@ -200,7 +227,7 @@ class _RayUpscaler:
         self.worker = Worker(options)
 
     def __call__(self, batch: dict) -> dict:
-        outcomes = [self.worker(Job(Path(str(s)), Path(str(o)))) for s, o in zip(batch["source"], batch["output"])]
+        outcomes = [self.worker(job_for(str(s), str(o))) for s, o in zip(batch["source"], batch["output"])]
         import numpy as np
 
         columns = {key: [value if value is not None else "" for value in values] for key, values in _columns(outcomes).items()}
@@ -332,14 +359,14 @@ def summarise(outcomes: list[Outcome], quiet: bool) -> list[tuple[Path, str]]:
     """The closing summary; returns the failures as (input, message) like ``run_batch``."""
     from tinysr_cli.cli import console
 
-    failures = [(Path(o.source), o.message) for o in outcomes if o.status == "failed"]
+    failed = [o for o in outcomes if o.status == "failed"]
     done = sum(o.status == "done" for o in outcomes)
     skipped = sum(o.status == "skipped" for o in outcomes)
-    if not quiet or failures:
-        console.note(f"{done} upscaled, {skipped} skipped, {len(failures)} failed")
-    for path, _ in failures:
-        console.note(f"  failed: {path}")
-    return failures
+    if not quiet or failed:
+        console.note(f"{done} upscaled, {skipped} skipped, {len(failed)} failed")
+    for outcome in failed:  # as given: a URI is not a Path
+        console.note(f"  failed: {outcome.source}")
+    return [(Path(o.source), o.message) for o in failed]
 
 
 def run_cluster(plan: Plan, options, *, address: str | None, workers: int | None) -> list[tuple[Path, str]]:
@@ -349,5 +376,31 @@ def run_cluster(plan: Plan, options, *, address: str | None, workers: int | None
     if not options.quiet:
         for path, reason in plan.skipped:
             console.note(f"skipped {path}: {reason}")
+    missing = _planning_failures(plan)
     outcomes = run_ray(plan, options, address=address, workers=workers, on_outcome=lambda o: report(o, options.quiet))
-    return summarise(outcomes, options.quiet)
+    return summarise(missing + outcomes, options.quiet)
+
+
+def _planning_failures(plan: Plan) -> list[Outcome]:
+    """The inputs planning found missing (no such file, a pattern matching nothing), reported."""
+    failures = [Outcome(str(path), None, "failed", message) for path, message in plan.failed]
+    for outcome in failures:
+        report(outcome, quiet=True)
+    return failures
+
+
+def run_here(plan: Plan, options) -> list[tuple[Path, str]]:
+    """`tinysr upscale` with URIs and without Ray: the jobs one after another in this process."""
+    from tinysr_cli.cli import console
+
+    if not options.quiet:
+        for path, reason in plan.skipped:
+            console.note(f"skipped {path}: {reason}")
+    missing = _planning_failures(plan)
+    pending, outcomes = triage(plan, options)
+    for outcome in outcomes:
+        report(outcome, options.quiet)
+    for outcome in run_local(pending, options):
+        report(outcome, options.quiet)
+        outcomes.append(outcome)
+    return summarise(missing + outcomes, options.quiet)
