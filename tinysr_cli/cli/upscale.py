@@ -109,6 +109,12 @@ def upscale_command(
             "sha256 of the input path mod N, so give every shard the same arguments.",
             rich_help_panel=_CLUSTER,
         )] = None,
+    chunk_seconds: Annotated[float, typer.Option(
+            "--chunk-seconds", min=0,
+            help="With --ray: cut videos at keyframes into chunks of at least this many seconds, upscaled on several "
+            "workers and joined without re-encoding (0: each video whole on one worker).",
+            rich_help_panel=_CLUSTER,
+        )] = 60.0,
 ) -> None:
     """Upscale images and videos 4x with TinySR."""
     from tinysr_cli.cli.upscale_run import BatchOptions, input_kind, plan_inputs, run_batch
@@ -164,7 +170,7 @@ def upscale_command(
     if ray is not None:
         from tinysr_cli.distributed import run_cluster
 
-        failures = run_cluster(plan, options, address=ray, workers=workers)
+        failures = run_cluster(plan, options, address=ray, workers=workers, chunk_seconds=chunk_seconds)
     elif uris:
         from tinysr_cli.distributed import run_here
 
