@@ -18,8 +18,8 @@ _CLUSTER = "Cluster"
 def upscale_command(
     inputs: Annotated[list[str], typer.Argument(help="Images, videos, folders or glob patterns.", show_default=False)],
     output: Annotated[
-        Optional[Path],
-        typer.Option("--output", "-o", help="Output file (one input) or folder. Default: next to each input."),
+        Optional[str],
+        typer.Option("--output", "-o", help="Output file (one input) or folder, or a URI (s3://...). Default: next to each input."),
     ] = None,
     model: Annotated[Optional[str], typer.Option(
             "--model", "-m", "-n",
@@ -122,6 +122,12 @@ def upscale_command(
             "sha256 of the input path mod N, so give every shard the same arguments.",
             rich_help_panel=_CLUSTER,
         )] = None,
+    chunk_seconds: Annotated[float, typer.Option(
+            "--chunk-seconds", min=0,
+            help="With --ray: cut videos at keyframes into chunks of at least this many seconds, upscaled on several "
+            "workers and joined without re-encoding (0: each video whole on one worker).",
+            rich_help_panel=_CLUSTER,
+        )] = 60.0,
 ) -> None:
     """Upscale images and videos 4x with TinySR."""
     from tinysr_cli.cli.upscale_run import run_batch
@@ -138,9 +144,12 @@ def upscale_command(
         engine_options = UpscaleOptions(tile=tile, tile_overlap=tile_overlap, batch_size=batch_size, color_fix=color_fix)
     except ValueError as exc:
         raise TinySRError(f"--color-fix: {exc}" if "color_fix" in str(exc) else str(exc)) from None
-    plan = plan_inputs(
+    from tinysr_cli import storage
+
+    uris = storage.is_uri(output) or any(storage.is_uri(text) for text in inputs)
+    plan = (plan_uri_inputs if uris else plan_inputs)(
         inputs,
-        output,
+        output if uris or output is None else Path(output),
         video_only=video_only,
         images_only=images_only,
         recursive=recursive,
@@ -152,7 +161,7 @@ def upscale_command(
         from tinysr_cli.distributed import parse_shard, shard_plan
 
         plan = shard_plan(plan, *parse_shard(shard))
-    for chosen in sorted({codec or video.default_codec(job.output) for job in plan.jobs if input_kind(job.source) == "video"}):
+    for chosen in sorted({codec or video.default_codec(Path(str(job.output))) for job in plan.jobs if input_kind(Path(str(job.source))) == "video"}):
         video.check_settings(chosen, crf, pix_fmt)
     options = BatchOptions(
         model=model,
@@ -176,7 +185,11 @@ def upscale_command(
     if ray is not None:
         from tinysr_cli.distributed import run_cluster
 
-        failures = run_cluster(plan, options, address=ray, workers=workers)
+        failures = run_cluster(plan, options, address=ray, workers=workers, chunk_seconds=chunk_seconds)
+    elif uris:
+        from tinysr_cli.distributed import run_here
+
+        failures = run_here(plan, options)
     else:
         failures = run_batch(plan, options)
     if failures:
@@ -186,6 +199,24 @@ def upscale_command(
 OUTPUT_FORMATS = ("png", "jpg", "jpeg", "webp", "tiff", "tif", "bmp", "avif", "heic", "heif")
 MAX_SCALE = 16
 MAX_SIDE = 65535
+
+
+def plan_uri_inputs(inputs: list[str], output: str | None, *, video_only: bool, images_only: bool, **naming):
+    """``plan_inputs`` for URIs (docs/distributed.md): objects chosen by suffix, nothing downloaded."""
+    from tinysr_cli import storage
+    from tinysr_cli.errors import TinySRError
+    from tinysr_cli.io import video
+    from tinysr_cli.io.images import IMAGE_SUFFIXES
+
+    if video_only and images_only:
+        raise TinySRError("--video-only and --images-only exclude each other")
+    wanted = (set() if video_only else set(IMAGE_SUFFIXES)) | (set() if images_only else set(video.VIDEO_SUFFIXES))
+    note = "not a video" if video_only else "not an image" if images_only else "not an image or video"
+
+    def suffix_for(name: str) -> str | None:
+        return video.output_suffix(Path(name)) if Path(name).suffix.lower() in video.VIDEO_SUFFIXES else None
+
+    return storage.plan_uris(inputs, output, accept=lambda name: Path(name).suffix.lower() in wanted, suffix_for=suffix_for, skip_note=note, **naming)
 
 
 def check_options(

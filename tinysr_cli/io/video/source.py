@@ -38,6 +38,17 @@ def _tag_duration(stream: av.stream.Stream) -> float | None:
     return int(match[1]) * 3600 + int(match[2]) * 60 + float(match[3]) if match else None
 
 
+def timeline_origin(container: av.container.InputContainer) -> Fraction:
+    """Seconds to subtract from every timestamp of ``container``: the earliest start of its video,
+    audio and subtitle streams, if all of them start after 0 (else 0: the source is left as is)."""
+    starts = [
+        stream.start_time * stream.time_base
+        for stream in container.streams
+        if stream.type in ("video", "audio", "subtitle") and stream.start_time is not None and stream.time_base
+    ]
+    return max(Fraction(0), min(starts)) if starts else Fraction(0)
+
+
 class _Source:
     """Opens the input, checks it holds decodable video, and decodes up to the first frame.
 
@@ -68,7 +79,7 @@ class _Source:
             self.video = video
             self.time_base: Fraction = video.time_base
             self.rate: Fraction = video.average_rate or video.guessed_rate or Fraction(25)
-            self.origin = self._origin()
+            self.origin = timeline_origin(self.container)
             self._video_shift = round(self.origin / self.time_base)
             self.video_start = video.start_time - self._video_shift if video.start_time is not None else 0
             self.announced_end = self._announced_end()
@@ -86,16 +97,6 @@ class _Source:
 
     def __exit__(self, *exc_info) -> None:
         self.container.close()
-
-    def _origin(self) -> Fraction:
-        """Seconds to subtract from every timestamp: the earliest start of the video, audio and
-        subtitle streams, if all of them start after 0."""
-        starts = [
-            stream.start_time * stream.time_base
-            for stream in self.container.streams
-            if stream.type in ("video", "audio", "subtitle") and stream.start_time is not None and stream.time_base
-        ]
-        return max(Fraction(0), min(starts)) if starts else Fraction(0)
 
     def _announced_length(self) -> float | None:
         """The video stream's length where the container states it exactly: MP4/MOV's track
