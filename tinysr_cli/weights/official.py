@@ -164,14 +164,6 @@ def _take(state: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], sour
 # ---------------------------------------------------------------------------------------- LoRA
 
 
-@dataclass(frozen=True)
-class LoraSummary:
-    rank: int
-    alpha: float
-    scale: float
-    modules: int
-
-
 def _lora_scale(files: _SourceFiles, lora_path: Path, rank: int, alpha: float | None) -> tuple[float, float]:
     """(alpha, scale). Explicit alpha wins, then a PEFT ``adapter_config.json`` beside the file,
     then alpha = rank (scale 1), which is what the official script configures."""
