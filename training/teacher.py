@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +24,8 @@ from torch import nn
 from tinysr_cli.errors import TinySRError
 
 SD3_LATENT_SCALE = 1.5305
+TEACHER_KINDS = ("sd3", "tiny_sd3")  # the [teacher] table's ``kind``
+TEACHER_DTYPES = ("fp16", "bf16", "fp32")  # the run dtype on accelerators; the CPU always runs fp32
 _KEY_PREFIXES = ("base_model.model.", "transformer.", "vae.", "unet.")
 
 
@@ -51,6 +54,17 @@ class TeacherSpec:
     def settings(self) -> dict:
         """The settings besides the files that change the teacher's outputs."""
         return {"lora_alpha": self.lora_alpha, "latent_scale": self.latent_scale, "timestep": self.timestep, "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class TinyTeacherSpec:
+    """``[teacher] kind = "tiny_sd3"``: a random ``SD3Transformer2DModel(**config)`` with a random prompt,
+    seeded by the run (transformer only, so for the prune stage: a search test needs no files)."""
+
+    config: dict[str, Any] = field(default_factory=dict)
+    prompt_tokens: int = 8
+    timestep: float = 1000.0
+    dtype: str = "fp32"
 
 
 def load_embedding(path: Path) -> torch.Tensor:
