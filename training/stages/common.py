@@ -274,6 +274,20 @@ def resolve_mixed_precision(name: str) -> tuple[str, str | None]:
     return name, None
 
 
+def _forget_other_precision(precision: str) -> None:
+    """Let a process that ran a stage in another precision run this one.
+
+    accelerate keeps one process-wide ``AcceleratorState`` and refuses a second ``Accelerator`` with
+    another ``mixed_precision``; a Python caller (or the tests) may run a bf16 stage after an fp32 one.
+    Only that state is dropped: the process group (``PartialState``) stays.
+    """
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 class Run:
     """One stage's run: accelerate, output folder, step counter, checkpoints and logs."""
 
@@ -285,6 +299,7 @@ class Run:
         self.recipe, self.spec = recipe, recipe.run
         self.output_dir, self.reporter = Path(output_dir), reporter
         precision, note = resolve_mixed_precision(self.spec.mixed_precision)
+        _forget_other_precision(precision)
         self.accelerator = Accelerator(mixed_precision=precision, step_scheduler_with_optimizer=False)
         check_launch(self.accelerator)
         if note and self.is_main:
