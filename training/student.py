@@ -3,8 +3,8 @@
 ``build_student`` turns a diffusers ``SD3Transformer2DModel`` (LoRA already merged) and a list of
 kept block indices into our ``ModulatedTransformer``: q/k/v fused, the positional table centre-cropped
 to the student's grid, and every adaLN vector computed once from the teacher at t = 1000 with the
-default pooled prompt. Training adds a peft LoRA (``attach_lora``) and keeps the modulation
-trainable; ``export_transformer`` merges the LoRA and folds the modulation into the run-time model.
+default pooled prompt (the maths of ``tinysr_cli.weights.sd3``, shared with the official-release
+importer). Training adds a peft LoRA (``attach_lora``) and keeps the modulation trainable; ``export_transformer`` merges the LoRA and folds the modulation into the run-time model.
 
 A student file (``save_student`` / ``load_student``) is a safetensors file holding the model state,
 LoRA included (peft's key layout), with the config, LoRA settings and kept layers in its metadata.
@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tinysr_cli.atomic import atomic_path
 from tinysr_cli.errors import TinySRError
-from tinysr_cli.models.transformer import ModulatedTransformer, TinySRTransformer, TransformerConfig, crop_pos_embed, fold_modulation
-from training.teacher import merge_lora
+from tinysr_cli.models.transformer import ModulatedTransformer, TinySRTransformer, TransformerConfig, fold_modulation
+from tinysr_cli.weights.sd3 import sd3_to_modulated
+from training.teacher import merge_peft_lora
 
 STUDENT_FORMAT = "tinysr-student"
 STUDENT_FORMAT_VERSION = "1"
@@ -55,35 +55,6 @@ class StudentInfo:
     provenance: dict = field(default_factory=dict)
 
 
-def _check_sd3_block(block: nn.Module, index: int) -> None:
-    if getattr(block, "attn2", None) is not None or type(block.norm1).__name__ != "AdaLayerNormZero":
-        raise TinySRError(f"teacher block {index} uses SD3.5 dual attention; the student supports SD3(-medium) blocks only")
-    if getattr(block.attn, "norm_q", None) is not None:
-        raise TinySRError(f"teacher block {index} uses q/k normalisation, which the student does not have")
-
-
-@torch.no_grad()
-def modulation_constants(transformer: nn.Module, pooled: torch.Tensor, timestep: float = 1000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every block's adaLN vectors [L, 6, D] and the output norm's (scale, shift) [2, D], in float64.
-
-    SD3 computes them from ``temb = time_text_embed(t, pooled)``; with t and the prompt fixed they are
-    constants. Orders follow diffusers' ``chunk`` calls: (shift_msa, scale_msa, gate_msa, shift_mlp,
-    scale_mlp, gate_mlp) for ``AdaLayerNormZero`` and (scale, shift) for ``AdaLayerNormContinuous``.
-    """
-    embed = copy.deepcopy(transformer.time_text_embed).to("cpu", torch.float64)
-    pooled = pooled.to("cpu", torch.float64).reshape(1, -1)
-    conditioning = F.silu(embed(torch.tensor([timestep], dtype=torch.float64), pooled))  # [1, D]
-    dim = conditioning.shape[-1]
-    per_block = []
-    for index, block in enumerate(transformer.transformer_blocks):
-        _check_sd3_block(block, index)
-        linear = block.norm1.linear
-        per_block.append(F.linear(conditioning, linear.weight.double().cpu(), linear.bias.double().cpu()).reshape(6, dim))
-    final = transformer.norm_out.linear
-    final_vectors = F.linear(conditioning, final.weight.double().cpu(), final.bias.double().cpu()).reshape(2, dim)
-    return torch.stack(per_block), final_vectors
-
-
 def student_config(transformer: nn.Module, num_layers: int, pos_grid: int) -> TransformerConfig:
     config = transformer.config
     dim = config.num_attention_heads * config.attention_head_dim
@@ -109,32 +80,19 @@ def student_config(transformer: nn.Module, num_layers: int, pos_grid: int) -> Tr
 def build_student(
     transformer: nn.Module, kept_layers: Sequence[int], pooled: torch.Tensor, timestep: float = 1000.0, pos_grid: int = 32
 ) -> ModulatedTransformer:
-    """Copy the kept blocks' image stream out of an SD3 transformer into a float32 ``ModulatedTransformer``."""
+    """The kept blocks' image stream of an SD3 transformer as a float32 ``ModulatedTransformer``.
+
+    The mapping (q/k/v fused, positional table cropped, modulation at ``timestep`` with ``pooled``)
+    is ``tinysr_cli.weights.sd3``'s, the same the official-release importer uses.
+    """
     kept = list(kept_layers)
     total = len(transformer.transformer_blocks)
     if not kept or kept != sorted(set(kept)) or kept[0] < 0 or kept[-1] >= total:
         raise TinySRError(f"kept layers {kept} must be distinct ascending indices below {total}")
-    modulation, final = modulation_constants(transformer, pooled, timestep)
-    student = ModulatedTransformer(student_config(transformer, len(kept), pos_grid))
-    max_grid = transformer.config.pos_embed_max_size
-
-    def put(target: nn.Module, source: nn.Module) -> None:
-        target.weight.copy_(source.weight.float())
-        target.bias.copy_(source.bias.float())
-
-    put(student.patch_embed, transformer.pos_embed.proj)
-    student.pos_embed.copy_(crop_pos_embed(transformer.pos_embed.pos_embed.float().cpu(), max_grid, pos_grid, pos_grid))
-    for target, index in zip(student.blocks, kept):
-        source = transformer.transformer_blocks[index]
-        attn = source.attn
-        target.attn.qkv.weight.copy_(torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]).float())
-        target.attn.qkv.bias.copy_(torch.cat([attn.to_q.bias, attn.to_k.bias, attn.to_v.bias]).float())
-        put(target.attn.proj, attn.to_out[0])
-        put(target.mlp.fc1, source.ff.net[0].proj)
-        put(target.mlp.fc2, source.ff.net[2])
-    put(student.proj_out, transformer.proj_out)
-    student.modulation.copy_(modulation[kept].float())
-    student.final_modulation.copy_(final.float())
+    config = student_config(transformer, len(kept), pos_grid)
+    state = {key: tensor.detach().to("cpu", torch.float32) for key, tensor in transformer.state_dict().items()}
+    state["pos_embed.pos_embed"] = transformer.pos_embed.pos_embed.detach().to("cpu", torch.float32)  # a buffer diffusers may not save
+    student, _ = sd3_to_modulated(state, config, pooled.to("cpu", torch.float64).reshape(1, -1), "the teacher", kept_layers=kept, timestep=timestep)
     return student
 
 
@@ -164,7 +122,7 @@ def attach_lora(model: ModulatedTransformer, spec: LoraSpec, train_modulation: b
 def export_transformer(model: ModulatedTransformer) -> TinySRTransformer:
     """LoRA merged, modulation folded: the run-time backbone (the argument is left unchanged)."""
     merged = copy.deepcopy(model).float()
-    merge_lora(merged)
+    merge_peft_lora(merged)
     return fold_modulation(merged)
 
 

@@ -4,7 +4,7 @@ Everything is loaded from local files: a diffusers folder holding ``transformer/
 the TSD-SR LoRA files (``transformer.safetensors`` and ``vae.safetensors``, PEFT key layout
 ``<module>.lora_A.weight`` with an optional ``transformer.``/``vae.`` prefix) and the default
 prompt embeddings (``prompt_embeds.pt`` (1, S, 4096) and ``pool_embeds.pt`` (1, 2048)). The LoRA is
-applied through peft and merged into the base weights, since the teacher is never trained.
+merged into the base weights (``tinysr_cli.weights.sd3``), since the teacher is never trained.
 
 ``write_random_teacher`` writes a tiny random teacher in the same layout, for tests and for dry runs
 of a recipe on a machine without the real weights.
@@ -14,16 +14,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from tinysr_cli.errors import TinySRError
+from tinysr_cli.weights.sd3 import lora_pairs, merge_lora
 
 SD3_LATENT_SCALE = 1.5305
-_KEY_PREFIXES = ("base_model.model.", "transformer.", "vae.", "unet.")
+TEACHER_KINDS = ("sd3", "tiny_sd3")  # the [teacher] table's ``kind``
+TEACHER_DTYPES = ("fp16", "bf16", "fp32")  # the run dtype on accelerators; the CPU always runs fp32
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,17 @@ class TeacherSpec:
         return {"lora_alpha": self.lora_alpha, "latent_scale": self.latent_scale, "timestep": self.timestep, "dtype": self.dtype}
 
 
+@dataclass(frozen=True)
+class TinyTeacherSpec:
+    """``[teacher] kind = "tiny_sd3"``: a random ``SD3Transformer2DModel(**config)`` with a random prompt,
+    seeded by the run (transformer only, so for the prune stage: a search test needs no files)."""
+
+    config: dict[str, Any] = field(default_factory=dict)
+    prompt_tokens: int = 8
+    timestep: float = 1000.0
+    dtype: str = "fp32"
+
+
 def load_embedding(path: Path) -> torch.Tensor:
     """A single tensor from a ``.safetensors`` file (its only tensor) or a ``.pt`` file (weights only)."""
     if not path.is_file():
@@ -73,49 +87,24 @@ def load_embedding(path: Path) -> torch.Tensor:
     return tensor
 
 
-def read_lora_file(path: Path, module: nn.Module) -> dict[str, torch.Tensor]:
-    """A LoRA file's tensors keyed as peft expects (``<module>.lora_A.weight``) for ``module``.
+def apply_lora_file(module: nn.Module, path: Path, alpha: float | None) -> None:
+    """Merge a LoRA file into ``module``'s float32 weights: ``W += alpha / rank * B @ A``.
 
-    Accepts the prefixes diffusers and peft write (``transformer.``, ``vae.``, ``base_model.model.``).
+    Keys are peft's (``<module>.lora_A.weight``), optionally prefixed ``transformer.``/``vae.``/
+    ``base_model.model.``; the reading and the merge are ``tinysr_cli.weights.sd3``'s, the ones the
+    official-release importer uses. ``alpha`` None means alpha = rank (scale 1), as TSD-SR trains it.
     """
     from safetensors.torch import load_file
 
-    names = {name for name, _ in module.named_modules()}
-    state = {}
-    for key, tensor in load_file(path).items():
-        stripped = key
-        while stripped.split(".lora_")[0] not in names:
-            prefix = next((p for p in _KEY_PREFIXES if stripped.startswith(p)), None)
-            if prefix is None:
-                raise TinySRError(f"{path}: LoRA key {key!r} names no module of the {type(module).__name__}")
-            stripped = stripped[len(prefix) :]
-        state[stripped] = tensor
-    if not state:
+    pairs = lora_pairs(load_file(path), path)
+    if not pairs:
         raise TinySRError(f"{path}: holds no LoRA tensors")
-    return state
+    rank = next(iter(pairs.values()))[0].shape[0]
+    state = module.state_dict()  # shares storage with the parameters: the merge updates them in place
+    merge_lora(state, pairs, (rank if alpha is None else alpha) / rank, f"the {type(module).__name__}", path)
 
 
-def apply_lora(module: nn.Module, state: dict[str, torch.Tensor], alpha: float | None) -> None:
-    """Inject a LoRA through peft, load ``state`` into it and merge it into the base weights."""
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-
-    down = {key[: -len(".lora_A.weight")]: t for key, t in state.items() if key.endswith(".lora_A.weight")}
-    if not down or len(down) * 2 != len(state):
-        raise TinySRError("a LoRA state needs one lora_A and one lora_B weight per module")
-    ranks = {t.shape[0] for t in down.values()}
-    if len(ranks) != 1:
-        raise TinySRError(f"LoRA ranks differ between modules ({sorted(ranks)}); one rank is supported")
-    rank = ranks.pop()
-    # Full module names as targets: exactly the modules the file holds.
-    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=sorted(down))
-    inject_adapter_in_model(config, module)
-    result = set_peft_model_state_dict(module, state)
-    if result.unexpected_keys:
-        raise TinySRError(f"LoRA keys do not fit the model, e.g. {result.unexpected_keys[0]!r}")
-    merge_lora(module)
-
-
-def merge_lora(module: nn.Module) -> None:
+def merge_peft_lora(module: nn.Module) -> None:
     """Merge every peft LoRA layer inside ``module`` and put its plain base layer back in its place."""
     from peft.tuners.lora import LoraLayer
 
@@ -220,7 +209,7 @@ def load_transformer(spec: TeacherSpec) -> nn.Module:
 
     model = _from_pretrained(SD3Transformer2DModel, spec.sd3, "transformer")
     if spec.transformer_lora is not None:
-        apply_lora(model, read_lora_file(spec.transformer_lora, model), spec.lora_alpha)
+        apply_lora_file(model, spec.transformer_lora, spec.lora_alpha)
     return model.eval().requires_grad_(False)
 
 
@@ -237,7 +226,7 @@ def load_teacher(spec: TeacherSpec, device: torch.device | str = "cpu", with_vae
     if with_vae:
         vae = _from_pretrained(AutoencoderKL, spec.sd3, "vae")
         if spec.vae_lora is not None:
-            apply_lora(vae, read_lora_file(spec.vae_lora, vae), spec.lora_alpha)
+            apply_lora_file(vae, spec.vae_lora, spec.lora_alpha)
         if vae.config.latent_channels != transformer.config.in_channels:
             raise TinySRError(f"the VAE has {vae.config.latent_channels} latent channels, the transformer {transformer.config.in_channels}")
         vae = vae.eval().requires_grad_(False)

@@ -1,4 +1,4 @@
-"""Training data: HR crops of real photos, the resumable degraded pair stream, paired test folders."""
+"""Training data: HR crops of real photos and their degraded pairs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import photo
 from tinysr_cli.errors import TinySRError
-from training.data import HRCrops, PairedImages, PairStream, SyntheticPairs, StreamSampler, pad_to_size
+from training.data import HRCrops, SyntheticPairs, pad_to_size
 from training.degradations import MILD
 
 CROP = 64
@@ -107,86 +107,3 @@ def test_identity_names_the_files_and_the_degradation(photos):
     default = SyntheticPairs(HRCrops([photos], CROP, seed=4)).identity()
     assert mild["files"] == 3 and mild["crop_size"] == CROP and mild["seed"] == 4
     assert mild["degradation"]["jpeg_range2"] == (60.0, 100.0) and mild != default
-
-
-def collect(stream: PairStream, steps: int) -> list:
-    batches = []
-    for batch in stream:
-        batches.append(batch)
-        if len(batches) == steps:
-            break
-    return batches
-
-
-def test_a_resumed_stream_continues_exactly_as_an_uninterrupted_one(photos):
-    pairs = SyntheticPairs(HRCrops([photos], CROP, seed=9))
-    uninterrupted = collect(PairStream(pairs, batch_size=2), 5)
-    assert [b.samples for b in uninterrupted] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
-
-    first = PairStream(pairs, batch_size=2)
-    collect(first, 2)
-    state = first.state_dict()
-    assert state["step"] == 2 and first.position == (1, 1)  # sample 4: epoch 1, second file
-
-    fresh = SyntheticPairs(HRCrops([photos], CROP, seed=9))  # as after a restart
-    resumed = PairStream(fresh, batch_size=2, num_workers=2)
-    resumed.load_state_dict(state)
-    rest = collect(resumed, 3)
-    for ours, theirs in zip(rest, uninterrupted[2:]):
-        assert ours.step == theirs.step and ours.samples == theirs.samples
-        assert torch.equal(ours.hr, theirs.hr) and torch.equal(ours.lq, theirs.lq)
-    assert resumed.state_dict()["step"] == 5
-
-
-def test_resuming_with_another_batch_size_is_refused(photos):
-    pairs = SyntheticPairs(HRCrops([photos], CROP, seed=9))
-    state = PairStream(pairs, batch_size=2).state_dict()
-    with pytest.raises(TinySRError, match="batch_size"):
-        PairStream(pairs, batch_size=3).load_state_dict(state)
-
-
-def test_ranks_read_disjoint_samples_covering_the_stream():
-    seen = [list(StreamSampler(batch_size=3, start_step=1, rank=r, world_size=2, steps=2)) for r in range(2)]
-    assert seen[0] == [6, 7, 8, 12, 13, 14] and seen[1] == [9, 10, 11, 15, 16, 17]
-
-
-# ----------------------------------------------------------------------------- paired test sets
-
-
-def write_pairs(lr_folder, hr_folder, names):
-    """HR crops of a photo and their 4x-smaller versions under the same names, written in reverse order."""
-    lr_folder.mkdir(parents=True)
-    hr_folder.mkdir(parents=True)
-    image = photo("astronaut")
-    written = {}
-    for i, name in reversed(list(enumerate(names))):
-        hr = image[32 * i : 32 * i + 64, 16 * i : 16 * i + 64]
-        lr = np.asarray(Image.fromarray(hr).resize((16, 16), Image.BICUBIC))
-        Image.fromarray(hr).save(hr_folder / f"{name}.png")
-        Image.fromarray(lr).save(lr_folder / f"{name}.png")
-        written[name] = (lr, hr)
-    return written
-
-
-@pytest.mark.parametrize(("lr_name", "hr_name"), [("test_LR", "test_HR"), ("LR", "HR")])
-def test_paired_folders_pair_by_name_in_both_stablesr_layouts(tmp_path, lr_name, hr_name):
-    written = write_pairs(tmp_path / lr_name, tmp_path / hr_name, ["b_003", "a_010", "c_001"])
-    pairs = PairedImages.from_root(tmp_path, scale=4)
-    assert len(pairs) == 3 and pairs.names == ["a_010", "b_003", "c_001"]
-    for item in pairs:
-        lr, hr = written[item["name"]]
-        assert np.array_equal((item["lq"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), lr)
-        assert np.array_equal((item["hr"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), hr)
-
-
-def test_unpartnered_files_and_wrong_scales_are_errors(tmp_path):
-    write_pairs(tmp_path / "LR", tmp_path / "HR", ["a", "b"])
-    Image.fromarray(photo("coffee", (64, 64))).save(tmp_path / "HR" / "stray.png")
-    with pytest.raises(TinySRError, match="1 file.*stray"):
-        PairedImages.from_root(tmp_path)
-    (tmp_path / "HR" / "stray.png").unlink()
-    with pytest.raises(TinySRError, match="expected exactly x2"):
-        PairedImages.from_root(tmp_path, scale=2)[0]
-    with pytest.raises(TinySRError, match="no paired folders") as error:
-        PairedImages.from_root(tmp_path / "HR")
-    assert "test_LR" in error.value.hint

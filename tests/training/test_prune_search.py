@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from pathlib import Path
@@ -18,12 +17,13 @@ from tinysr_cli.models.transformer import ModulatedTransformer, TransformerConfi
 from training.prune import baselines  # noqa: E402
 from training.prune.decision import read_decision  # noqa: E402
 from training.prune.lora import adapters_disabled, attach_lora, block_linear_names  # noqa: E402
-from training.prune.recipe import RecipeError, load_recipe  # noqa: E402
 from training.prune.search import MaskSearch, Objective, SearchSettings, run_search  # noqa: E402
 from training.prune.space import GroupLayout, local_masks  # noqa: E402
 from training.prune.stacks import ModulatedStack, SD3Stack, forward_kept, forward_masked  # noqa: E402
-from training.prune.stage import STATE_NAME, run_prune_stage  # noqa: E402
 from training.prune.teachers import build_teacher  # noqa: E402
+from training.stages import run_stage  # noqa: E402
+from training.stages.common import read_metrics  # noqa: E402
+from training.stages.recipe import RecipeError, load_recipe  # noqa: E402
 from training.teacher import load_teacher, write_random_teacher  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parents[2] / "training" / "recipes"
@@ -267,13 +267,14 @@ def test_bk_sdm_keeps_first_of_encoder_and_last_of_decoder_groups() -> None:
 
 def test_paper_recipe_encodes_appendix_a() -> None:
     recipe = load_recipe(RECIPES / "prune.toml")
-    assert recipe.method == "tinysr" and recipe.seed == 80
-    search = recipe.search
+    prune = recipe.prune
+    assert prune.method == "tinysr" and recipe.run.seed == 80 and recipe.run.mixed_precision == "no"
+    search = prune.search
     assert (search.steps, search.lora_rank, search.lora_lr, search.inter_block) == (100_000, 64, 5e-5, True)
     assert (search.tau_start, search.tau_end, search.logit_scale) == (4.0, 0.1, 100.0)
-    assert (recipe.objective.task_weight, recipe.objective.distill_weight) == (1.0, 1.0)
-    assert recipe.data.batch_size == 8 and recipe.data.kind == "cache"
-    layout = recipe.space.layout(24)
+    assert (prune.objective.task_weight, prune.objective.distill_weight) == (1.0, 1.0)
+    assert prune.data.batch_size == 8 and prune.data.kind == "cache"
+    layout = prune.space.layout(24)
     assert (len(layout.groups), layout.kept_count, len(layout.pairs)) == (6, 12, 3)
     assert recipe.teacher.sd3 == RECIPES / "checkpoints/stable-diffusion-3-medium-diffusers"
     assert recipe.teacher.transformer_lora == RECIPES / "checkpoints/tsdsr/transformer.safetensors"
@@ -295,13 +296,16 @@ def _recipe_copy(tmp_path: Path, replace: dict[str, str] | None = None, append: 
         ({"lora_rank = 4": "lora_rnak = 4"}, "", r"unknown key\(s\) in \[search\]: lora_rnak"),
         ({"steps = 6": 'steps = "six"'}, "", "search.steps must be a int"),
         ({'method = "tinysr"': 'method = "magic"'}, "", "method is 'magic'"),
-        ({}, "\n[extra]\nx = 1\n", "unknown top-level key"),
+        ({}, "\n[extra]\nx = 1\n", r"unknown key\(s\) in \[recipe.toml\]: extra"),
         ({"keep = 2\n": "keep = 2\nratio = 0.5\n"}, "", "exactly one of"),
         ({"keep = 2\n": "ratio = 0.4\n", "group_size = 4\n": ""}, "", "no preset for pruning ratio 0.4"),
         ({'kind = "synthetic"': 'kind = "cache"'}, "", "data.path"),
         ({'task_weight = 1.0': 'task_loss = "l3"'}, "", "unknown loss 'l3'"),
-        ({'kind = "tiny_sd3"': 'kind = "sd3"'}, "", "needs sd3, prompt_embeds, pooled_embeds"),
+        ({'kind = "tiny_sd3"': 'kind = "sd3"'}, "", "teacher.sd3 is required"),
         ({'dtype = "fp32"': 'dtype = "fp64"'}, "", "teacher.dtype is 'fp64'"),
+        ({"log_every = 1": 'log_every = 1\nmixed_precision = "bf16"'}, "", 'run.mixed_precision must be "no" for the prune stage'),
+        ({'stage = "prune"': 'stage = "vae"'}, "", "'tiny_sd3' .* is for the prune stage only"),
+        ({'stage = "prune"': 'stage = "prun"'}, "", "stage = 'prun' is not one of prune, cache"),
     ],
 )
 def test_recipe_errors_name_the_culprit(tmp_path: Path, replace: dict, append: str, message: str) -> None:
@@ -317,13 +321,21 @@ def test_missing_recipe_is_a_clear_error(tmp_path: Path) -> None:
 # --- the stage entry point -----------------------------------------------------------------------
 
 
+def _search_state(run_folder: Path) -> dict:
+    """The search's state (sampler, LoRA, optimiser, RNG, step) in the run's newest checkpoint."""
+    newest = sorted((run_folder / "checkpoints").iterdir())[-1]
+    return torch.load(newest / "custom_checkpoint_1.pkl", weights_only=True)  # 0 is the run's step counter
+
+
 def test_stage_writes_the_decision(tmp_path: Path) -> None:
-    reports = []
-    path = run_prune_stage(TINY_RECIPE, tmp_path / "run", resume=False, on_progress=reports.append)
-    assert path == tmp_path / "run" / "prune_decision.json" and (tmp_path / "run" / STATE_NAME).is_file()
-    assert [r.step for r in reports] == list(range(1, 7)) and reports[0].tau == 4.0 and reports[-1].tau == pytest.approx(0.1)
-    decision = read_decision(path)
-    data = json.loads(path.read_text())
+    result = run_stage("prune", TINY_RECIPE, output=tmp_path / "run")
+    assert result.output == tmp_path / "run" / "prune_decision.json" and result.finished and result.step == 6
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6] and rows[0]["tau"] == 4.0 and rows[-1]["tau"] == pytest.approx(0.1)
+    assert all(row["loss"] == pytest.approx(row["task_loss"] + row["distill_loss"]) for row in rows)
+    decision = read_decision(result.output)
+    data = json.loads(result.output.read_text())
     assert decision.method == "tinysr" and decision.num_layers == 8 and len(decision.kept_layers) == 4
     assert sorted(data["kept_layers"] + data["pruned_layers"]) == list(range(8))
     groups, (pair,) = data["details"]["groups"], data["details"]["pairs"]
@@ -331,49 +343,52 @@ def test_stage_writes_the_decision(tmp_path: Path) -> None:
     for group in groups:
         assert sum(group["probabilities"]) == pytest.approx(1.0) and len(group["patterns"]) == 6
     assert pair["move"] in pair["moves"] and sum(pair["probabilities"]) == pytest.approx(1.0)
-    assert data["details"]["recipe"]["method"] == "tinysr"
+    assert data["details"]["recipe"]["method"] == "tinysr" and data["details"]["steps"] == 6
 
 
-class _Interrupt(Exception):
-    pass
+def test_stop_at_step_and_resume_give_the_uninterrupted_search(tmp_path: Path) -> None:
+    """Stop after step 3 (between checkpoints), resume: same metrics, decision and search state (tolerance 0)."""
+    straight = run_stage("prune", TINY_RECIPE, output=tmp_path / "straight")
+    stopped = run_stage("prune", TINY_RECIPE, output=tmp_path / "resumed", stop_at_step=3)
+    assert not stopped.finished and stopped.step == 3 and not stopped.output.exists()
+    assert _search_state(tmp_path / "resumed")["step"] == 3
+    resumed = run_stage("prune", TINY_RECIPE, output=tmp_path / "resumed", resume=True)
+    assert resumed.finished and resumed.step == 6
+    assert read_metrics(tmp_path / "resumed" / "metrics.csv") == read_metrics(tmp_path / "straight" / "metrics.csv")
+    assert json.loads(resumed.output.read_text()) == json.loads(straight.output.read_text())
+    a, b = _search_state(tmp_path / "straight"), _search_state(tmp_path / "resumed")
+    assert a["step"] == b["step"] == 6
+    for part in ("sampler", "lora"):
+        assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part])
 
 
-def test_resume_continues_to_the_same_result(tmp_path: Path) -> None:
-    straight = run_prune_stage(TINY_RECIPE, tmp_path / "straight", resume=False)
+def test_cli_stops_and_resumes_the_search(tmp_path: Path) -> None:
+    from cli_helpers import run_cli
 
-    def stop_at_three(report) -> None:
-        if report.step == 3:
-            raise _Interrupt
-
-    with pytest.raises(_Interrupt):
-        run_prune_stage(TINY_RECIPE, tmp_path / "resumed", resume=False, on_progress=stop_at_three)
-    assert not (tmp_path / "resumed" / "prune_decision.json").exists()
-    assert torch.load(tmp_path / "resumed" / STATE_NAME, weights_only=True)["search"]["step"] == 2  # checkpoint_every = 2
-    steps = []
-    resumed = run_prune_stage(TINY_RECIPE, tmp_path / "resumed", resume=True, on_progress=lambda r: steps.append(r.step))
-    assert steps == [3, 4, 5, 6]
-    assert json.loads(resumed.read_text()) == json.loads(straight.read_text())
-    a = torch.load(tmp_path / "straight" / STATE_NAME, weights_only=True)["search"]
-    b = torch.load(tmp_path / "resumed" / STATE_NAME, weights_only=True)["search"]
-    for key in a["sampler"]:
-        assert torch.equal(a["sampler"][key], b["sampler"][key])
-    assert a["lora"].keys() == b["lora"].keys() and all(torch.equal(a["lora"][k], b["lora"][k]) for k in a["lora"])
+    args = ("train", "--stage", "prune", "--config", TINY_RECIPE, "-o", tmp_path / "cli")
+    first = run_cli(*args, "--stop-at-step", "2")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == "" and "stopped at step 2; continue with --resume" in first.stderr
+    assert not (tmp_path / "cli" / "prune_decision.json").exists()
+    resumed = run_cli(*args, "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.strip() == str(tmp_path / "cli" / "prune_decision.json") and resumed.stderr == ""
 
 
 def test_stage_refuses_to_overwrite_and_to_resume_another_recipe(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    path = run_prune_stage(TINY_RECIPE, out, resume=False)
+    path = run_stage("prune", TINY_RECIPE, output=out).output
     before = path.read_bytes()
-    with pytest.raises(TinySRError, match="already holds a pruning run") as error:
-        run_prune_stage(TINY_RECIPE, out, resume=False)
+    with pytest.raises(TinySRError, match="already holds a run") as error:
+        run_stage("prune", TINY_RECIPE, output=out)
     assert "--resume" in error.value.hint and path.read_bytes() == before
-    assert run_prune_stage(TINY_RECIPE, out, resume=True) == path and path.read_bytes() == before
+    assert run_stage("prune", TINY_RECIPE, output=out, resume=True).output == path and path.read_bytes() == before
     changed = _recipe_copy(tmp_path, {"seed = 0": "seed = 1"})
     with pytest.raises(TinySRError, match="different recipe"):
-        run_prune_stage(changed, out, resume=True)
+        run_stage("prune", changed, output=out, resume=True)
     (out / "prune_decision.json").unlink()
     with pytest.raises(TinySRError, match="different recipe"):
-        run_prune_stage(changed, out, resume=True)
+        run_stage("prune", changed, output=out, resume=True)
 
 
 @pytest.mark.parametrize(
@@ -381,11 +396,18 @@ def test_stage_refuses_to_overwrite_and_to_resume_another_recipe(tmp_path: Path)
 )
 def test_every_method_runs_through_the_stage(tmp_path: Path, method: str) -> None:
     recipe = _recipe_copy(tmp_path, {'method = "tinysr"': f'method = "{method}"'})
-    decision = read_decision(run_prune_stage(recipe, tmp_path / "out", resume=False))
+    decision = read_decision(run_stage("prune", recipe, output=tmp_path / "out").output)
     assert decision.method == method and decision.num_layers == 8 and len(decision.kept_layers) == 4
     if method == "tinyfusion":
         kept = set(decision.kept_layers)
         assert len(kept & {0, 1, 2, 3}) == 2 and decision.details["pairs"] == []
+
+
+def test_a_baseline_refuses_stop_at_step(tmp_path: Path) -> None:
+    recipe = _recipe_copy(tmp_path, {'method = "tinysr"': 'method = "shortgpt"'})
+    with pytest.raises(TinySRError, match="'shortgpt' scores the teacher in one pass: it has no step to stop at"):
+        run_stage("prune", recipe, output=tmp_path / "out", stop_at_step=1)
+    assert not (tmp_path / "out").exists()
 
 
 class NoisePairs:
@@ -417,8 +439,12 @@ def test_stage_on_the_shared_teacher_and_latent_cache(tmp_path: Path) -> None:
 
     recipe = tmp_path / "prune.toml"
     recipe.write_text(
-        f"""method = "tinysr"
-device = "cpu"
+        f"""stage = "prune"
+method = "tinysr"
+[run]
+output_dir = "out"
+checkpoint_every = 1
+log_every = 1
 [teacher]
 sd3 = "{spec.sd3}"
 prompt_embeds = "{spec.prompt_embeds}"
@@ -432,17 +458,16 @@ group_size = 4
 steps = 3
 lora_rank = 4
 lora_alpha = 4.0
-checkpoint_every = 1
 [data]
 kind = "cache"
 path = "cache/key"
 batch_size = 2
 """
     )
-    reports = []
-    decision = read_decision(run_prune_stage(recipe, tmp_path / "out", resume=False, on_progress=reports.append))
+    decision = read_decision(run_stage("prune", recipe).output)
     assert len(decision.kept_layers) == 4 and decision.details["recipe"]["data"]["path"] == "cache/key"
-    assert all(r.distill_loss > 0 and r.task_loss > 0 for r in reports)
+    rows = read_metrics(tmp_path / "out" / "metrics.csv")
+    assert len(rows) == 3 and all(row["distill_loss"] > 0 and row["task_loss"] > 0 for row in rows)
     shutil.rmtree(folder)
     with pytest.raises(TinySRError, match="not a complete latent cache"):
-        run_prune_stage(recipe, tmp_path / "out2", resume=False)
+        run_stage("prune", recipe, output=tmp_path / "out2")

@@ -127,7 +127,7 @@ def test_teacher_errors_are_clear(spec, tmp_path):
         load_teacher(dataclasses.replace(spec, sd3=tmp_path))
     bad_lora = tmp_path / "bad.safetensors"
     save_file({"transformer.no_such.module.lora_A.weight": torch.zeros(4, 4), "transformer.no_such.module.lora_B.weight": torch.zeros(4, 4)}, bad_lora)
-    with pytest.raises(TinySRError, match="names no module"):
+    with pytest.raises(TinySRError, match="LoRA targets 'no_such.module', which the SD3Transformer2DModel does not contain"):
         load_teacher(dataclasses.replace(spec, transformer_lora=bad_lora))
     wrong = tmp_path / "pooled.pt"
     torch.save(torch.zeros(1, 5), wrong)

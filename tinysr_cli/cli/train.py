@@ -38,20 +38,6 @@ class _RichReporter:
         self.bar.update(self.tasks[task], completed=completed, total=total, **({"metrics": shown} if shown else {}))
 
 
-def _run_prune(config: Path, output: Optional[Path], resume: bool, reporter) -> Path:
-    from training.prune import run_prune_stage
-
-    if output is None:
-        from tinysr_cli.errors import TinySRError
-
-        raise TinySRError("--stage prune needs --output DIR (where the search state and the decision file go)")
-
-    def on_progress(report) -> None:
-        reporter.progress("prune", report.step, report.steps, {"loss": report.loss, "tau": report.tau})
-
-    return run_prune_stage(config, output, resume, on_progress)
-
-
 def train_command(
     stage: Annotated[str, typer.Option(help="prune, cache, vae, restore, export, or distill (a small model from a pixel-space teacher, data to weights file).", show_default=False)],
     config: Annotated[Path, typer.Option("--config", "-c", help="The recipe (TOML), e.g. training/recipes/vae.toml.", show_default=False)],
@@ -94,11 +80,6 @@ def train_command(
     )
     with Progress(*columns, console=console.stderr, disable=not show) as bar:
         reporter = _RichReporter(bar) if show else SilentReporter()
-        if stage == "prune":
-            decision = _run_prune(config, output, resume, reporter)
-            if main_process:
-                console.stdout.print(str(decision), markup=False)
-            return
         try:
             result = run_stage(stage, config, output=output, resume=resume, reporter=reporter, stop_at_step=stop_at_step, data=data)
         except LaunchError:

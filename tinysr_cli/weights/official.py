@@ -5,10 +5,9 @@ holds SD3's conditioning modules, a PEFT LoRA for it (applied unmerged by the of
 tiny VAE, and the pooled prompt embedding shipped with TSD-SR. The official code evaluates the
 conditioning once, at t = 1000 with that embedding, and caches the modulation; we do the same
 offline and go one step further: the LoRA is merged, q/k/v are fused, and the constant modulation
-is folded into the linear layers (``fold_modulation``). Weights are read into float32; the LoRA is
-merged in float32, the conditioning MLPs and the modulation vectors are computed in float64 except
-the sinusoidal timestep features, which follow the float32 definition the model was trained with
-(their float32 rounding is part of the trained function), and the fold is computed in float64.
+is folded into the linear layers (``fold_modulation``). Weights are read into float32; the SD3 maths
+(LoRA merge, key mapping, modulation) is ``weights.sd3``'s, shared with training; the fold is
+computed in float64.
 
 Only safetensors and ``torch.load(weights_only=True)`` are used to read files.
 """
@@ -25,32 +24,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from tinysr_cli import __version__
 from tinysr_cli.errors import WeightsError
 from tinysr_cli.models.tinysr import TinySR, TinySRConfig
-from tinysr_cli.models.transformer import (
-    ModulatedTransformer,
-    TransformerConfig,
-    crop_pos_embed,
-    fold_modulation,
-    sincos_pos_embed,
-)
+from tinysr_cli.models.transformer import TransformerConfig, fold_modulation
 from tinysr_cli.models.vae import VAEConfig
 from tinysr_cli.weights.format import save_weights
+from tinysr_cli.weights.sd3 import SD3_TIMESTEP, lora_pairs, merge_lora, sd3_to_modulated, timestep_features
 
-OFFICIAL_TIMESTEP = 1000.0
+OFFICIAL_TIMESTEP = SD3_TIMESTEP
 # The official backbone only accepts 64x64 latent tiles: a 32x32 grid of 2x2 patches.
 OFFICIAL_POS_GRID = 32
-TIMESTEP_FREQ_CHANNELS = 256
 WEIGHTS_STEM = "diffusion_pytorch_model"
 
-# Keys of SD3's text stream (or the official cache buffers) that the student never runs.
-_UNUSED_KEY = re.compile(
-    r"^(context_embedder\.|scale$|shift$)"
-    r"|^transformer_blocks\.\d+\.(norm1_context|ff_context|attn\.(add_[qkv]_proj|to_add_out|norm_added_[qk]))\."
-)
+__all__ = ["ReleaseLayout", "convert_release", "import_release", "timestep_features"]
 
 ProgressCallback = Callable[[str], None]
 
@@ -151,25 +139,7 @@ def _diffusers_weights(files: _SourceFiles, folder: Path) -> tuple[dict, dict[st
     return config, files.tensors(candidates[0]), candidates[0]
 
 
-def _take(state: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], source: Path) -> torch.Tensor:
-    """Remove ``key`` from ``state``, check its shape, return it as float32."""
-    if key not in state:
-        raise WeightsError(f"{source}: missing tensor {key!r}")
-    tensor = state.pop(key)
-    if tuple(tensor.shape) != shape:
-        raise WeightsError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {shape}")
-    return tensor.float()
-
-
 # ---------------------------------------------------------------------------------------- LoRA
-
-
-@dataclass(frozen=True)
-class LoraSummary:
-    rank: int
-    alpha: float
-    scale: float
-    modules: int
 
 
 def _lora_scale(files: _SourceFiles, lora_path: Path, rank: int, alpha: float | None) -> tuple[float, float]:
@@ -187,94 +157,6 @@ def _lora_scale(files: _SourceFiles, lora_path: Path, rank: int, alpha: float | 
         use_rslora = bool(config.get("use_rslora", False))
     alpha = float(rank) if alpha is None else float(alpha)
     return alpha, alpha / (math.sqrt(rank) if use_rslora else rank)
-
-
-def _lora_pairs(lora: dict[str, torch.Tensor], source: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Module name (in the base checkpoint's naming) -> (A, B)."""
-    pattern = re.compile(r"^(?:base_model\.model\.)?(?:transformer\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
-    halves: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in lora.items():
-        match = pattern.match(key)
-        if match is None:
-            raise WeightsError(f"{source}: unexpected key {key!r} (expected '<module>.lora_A.weight' / '.lora_B.weight')")
-        halves.setdefault(match.group(1), {})[match.group(2)] = tensor
-    pairs = {}
-    for module, half in halves.items():
-        if set(half) != {"A", "B"}:
-            missing = "lora_B" if "A" in half else "lora_A"
-            raise WeightsError(f"{source}: {module!r} has no {missing} matrix")
-        pairs[module] = (half["A"], half["B"])
-    return pairs
-
-
-def _merge_lora(
-    state: dict[str, torch.Tensor], pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float, base: Path, source: Path
-) -> int:
-    """W += scale * B @ A for every pair (Linear, or Conv2d with a 1x1 B), in float32, in place."""
-    rank = None
-    for module, (a, b) in pairs.items():
-        key = f"{module}.weight"
-        if key not in state:
-            raise WeightsError(f"{source}: LoRA targets {module!r}, which {base} does not contain")
-        weight = state[key]
-        r = a.shape[0]
-        rank = rank or r
-        if r != rank or b.shape[1] != r:
-            raise WeightsError(f"{source}: {module!r} has rank {r} (A) / {b.shape[1]} (B), expected {rank}")
-        if weight.ndim == 2:
-            fits = a.ndim == 2 and b.ndim == 2 and a.shape[1] == weight.shape[1] and b.shape[0] == weight.shape[0]
-        else:
-            fits = (
-                a.ndim == 4 and b.ndim == 4 and tuple(b.shape[2:]) == (1, 1)
-                and tuple(a.shape[1:]) == tuple(weight.shape[1:]) and b.shape[0] == weight.shape[0]
-            )
-        if not fits:
-            raise WeightsError(
-                f"{source}: LoRA for {module!r} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
-                f"which do not fit its weight {tuple(weight.shape)}"
-            )
-        # A conv LoRA is A (k x k, the layer's stride) then B (1x1): together one k x k conv of B @ A.
-        delta = b.float().flatten(1) @ a.float().flatten(1)
-        weight.add_(delta.reshape(weight.shape), alpha=scale)
-    return len(pairs)
-
-
-# ---------------------------------------------------------------------------------- modulation
-
-
-def timestep_features(timestep: float, channels: int = TIMESTEP_FREQ_CHANNELS) -> torch.Tensor:
-    """SD3's sinusoidal timestep features [1, channels]: cos half first, then sin (float32)."""
-    half = channels // 2
-    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32) / half
-    angles = torch.tensor([timestep], dtype=torch.float32)[:, None] * torch.exp(exponent)[None, :]
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
-
-
-def _mlp(x: torch.Tensor, state: dict[str, torch.Tensor], prefix: str, dims: tuple[int, int, int], source: Path) -> torch.Tensor:
-    """linear_1 -> SiLU -> linear_2, in float64."""
-    d_in, d_hidden, d_out = dims
-    w1 = _take(state, f"{prefix}.linear_1.weight", (d_hidden, d_in), source).double()
-    b1 = _take(state, f"{prefix}.linear_1.bias", (d_hidden,), source).double()
-    w2 = _take(state, f"{prefix}.linear_2.weight", (d_out, d_hidden), source).double()
-    b2 = _take(state, f"{prefix}.linear_2.bias", (d_out,), source).double()
-    return F.linear(F.silu(F.linear(x.double(), w1, b1)), w2, b2)
-
-
-def _conditioning(state: dict[str, torch.Tensor], pooled: torch.Tensor, hidden: int, source: Path) -> torch.Tensor:
-    """SD3's ``temb`` at t = 1000: timestep MLP + pooled-text MLP, [1, hidden] float64."""
-    freq = state.get("time_text_embed.timestep_embedder.linear_1.weight")
-    channels = freq.shape[1] if freq is not None and freq.ndim == 2 else TIMESTEP_FREQ_CHANNELS
-    time = _mlp(timestep_features(OFFICIAL_TIMESTEP, channels), state, "time_text_embed.timestep_embedder", (channels, hidden, hidden), source)
-    text = _mlp(pooled, state, "time_text_embed.text_embedder", (pooled.shape[1], hidden, hidden), source)
-    return time + text
-
-
-def _modulation(state: dict[str, torch.Tensor], key: str, temb: torch.Tensor, chunks: int, source: Path) -> torch.Tensor:
-    """``Linear(SiLU(temb))`` split into ``chunks`` vectors: [chunks, hidden]."""
-    hidden = temb.shape[1]
-    weight = _take(state, f"{key}.weight", (chunks * hidden, hidden), source).double()
-    bias = _take(state, f"{key}.bias", (chunks * hidden,), source).double()
-    return F.linear(F.silu(temb), weight, bias).reshape(chunks, hidden)
 
 
 # -------------------------------------------------------------------------------- backbone
@@ -307,67 +189,6 @@ def _transformer_config(config: dict, state: dict[str, torch.Tensor], source: Pa
         num_layers=layers, hidden_size=hidden, num_heads=heads, mlp_ratio=inner // hidden,
         patch_size=patch, latent_channels=channels, pos_grid=OFFICIAL_POS_GRID,
     )
-
-
-def _positional_table(state: dict[str, torch.Tensor], hidden: int, source: Path) -> tuple[torch.Tensor, str]:
-    """(table [1, 1024, hidden], where it came from).
-
-    The 32x32 centre of the checkpoint's square table: SD3's crop for a 64x64 latent. A checkpoint
-    without a table gets SD3's own sin-cos table, cropped the same way (the official code loads a
-    cached copy of it from its repository rather than from the weights).
-    """
-    if "pos_embed.pos_embed" not in state:
-        return sincos_pos_embed(hidden, OFFICIAL_POS_GRID), "SD3's sin-cos table (192 grid, base 64), centre 32x32: the checkpoint has none"
-    table = state.pop("pos_embed.pos_embed")
-    count = table.shape[1] if table.ndim == 3 else 0
-    grid = math.isqrt(count)
-    if table.ndim != 3 or table.shape[0] != 1 or table.shape[2] != hidden or grid * grid != count or grid < OFFICIAL_POS_GRID:
-        raise WeightsError(
-            f"{source}: 'pos_embed.pos_embed' has shape {tuple(table.shape)}, expected [1, G*G, {hidden}] with G >= {OFFICIAL_POS_GRID}"
-        )
-    cropped = crop_pos_embed(table.float(), grid, OFFICIAL_POS_GRID, OFFICIAL_POS_GRID)
-    return cropped, f"centre {OFFICIAL_POS_GRID}x{OFFICIAL_POS_GRID} of the checkpoint's {grid}x{grid} table (SD3's crop for a 64x64 latent)"
-
-
-def _backbone(
-    state: dict[str, torch.Tensor], config: TransformerConfig, pooled: torch.Tensor, source: Path
-) -> tuple[ModulatedTransformer, str]:
-    """Map the (LoRA-merged) diffusers state onto ``ModulatedTransformer`` and compute its modulation.
-
-    Returns the model and where its positional table came from.
-    """
-    d, p, c = config.hidden_size, config.patch_size, config.latent_channels
-    inner = d * config.mlp_ratio
-    temb = _conditioning(state, pooled, d, source)
-    table, table_origin = _positional_table(state, d, source)
-    ours: dict[str, torch.Tensor] = {
-        "patch_embed.weight": _take(state, "pos_embed.proj.weight", (d, c, p, p), source),
-        "patch_embed.bias": _take(state, "pos_embed.proj.bias", (d,), source),
-        "pos_embed": table,
-        "proj_out.weight": _take(state, "proj_out.weight", (p * p * c, d), source),
-        "proj_out.bias": _take(state, "proj_out.bias", (p * p * c,), source),
-    }
-    modulation = []
-    for i in range(config.num_layers):
-        old, new = f"transformer_blocks.{i}", f"blocks.{i}"
-        for kind, shape in (("weight", (d, d)), ("bias", (d,))):
-            ours[f"{new}.attn.qkv.{kind}"] = torch.cat([_take(state, f"{old}.attn.to_{x}.{kind}", shape, source) for x in "qkv"])
-            ours[f"{new}.attn.proj.{kind}"] = _take(state, f"{old}.attn.to_out.0.{kind}", shape, source)
-        ours[f"{new}.mlp.fc1.weight"] = _take(state, f"{old}.ff.net.0.proj.weight", (inner, d), source)
-        ours[f"{new}.mlp.fc1.bias"] = _take(state, f"{old}.ff.net.0.proj.bias", (inner,), source)
-        ours[f"{new}.mlp.fc2.weight"] = _take(state, f"{old}.ff.net.2.weight", (d, inner), source)
-        ours[f"{new}.mlp.fc2.bias"] = _take(state, f"{old}.ff.net.2.bias", (d,), source)
-        # (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp)
-        modulation.append(_modulation(state, f"{old}.norm1.linear", temb, 6, source))
-    ours["modulation"] = torch.stack(modulation).float()
-    ours["final_modulation"] = _modulation(state, "norm_out.linear", temb, 2, source).float()  # (scale, shift)
-    leftover = sorted(k for k in state if not _UNUSED_KEY.search(k))
-    if leftover:
-        raise WeightsError(f"{source}: unexpected tensor {leftover[0]!r} ({len(leftover)} unexpected in all)")
-    with torch.device("meta"):
-        model = ModulatedTransformer(config)
-    model.load_state_dict(ours, assign=True)
-    return model, table_origin
 
 
 # ------------------------------------------------------------------------------------- VAE
@@ -445,12 +266,12 @@ def convert_release(
     transformer_config = _transformer_config(config_json, state, source, paths.transformer / "config.json")
 
     note(f"merging the LoRA {paths.lora}")
-    pairs = _lora_pairs(files.tensors(paths.lora), paths.lora)
+    pairs = lora_pairs(files.tensors(paths.lora), paths.lora)
     if not pairs:
         raise WeightsError(f"{paths.lora}: no LoRA matrices found")
     rank = next(iter(pairs.values()))[0].shape[0]
     alpha, scale = _lora_scale(files, paths.lora, rank, lora_alpha)
-    count = _merge_lora(state, pairs, scale, source, paths.lora)
+    count = merge_lora(state, pairs, scale, source, paths.lora)
 
     text_key = "time_text_embed.text_embedder.linear_1.weight"
     if text_key not in state:
@@ -458,7 +279,7 @@ def convert_release(
     pooled = _load_pooled(files, paths.pooled_embeds, state[text_key].shape[1])
 
     note("computing the modulation at t = 1000 and folding it into the weights")
-    modulated, table_origin = _backbone(state, transformer_config, pooled, source)
+    modulated, table_origin = sd3_to_modulated(state, transformer_config, pooled, source, timestep=OFFICIAL_TIMESTEP)
     if "checkpoint has none" in table_origin:
         note(f"{source} holds no positional table; using SD3's")
     folded = fold_modulation(modulated)

@@ -157,18 +157,8 @@ class MaskSearch:
         self.step = int(state["step"])
 
 
-def run_search(
-    search: MaskSearch,
-    batches: Callable[[int], Batch],
-    on_step: Callable[[StepReport], None] | None = None,
-    checkpoint: Callable[[MaskSearch], None] | None = None,
-    checkpoint_every: int = 0,
-) -> MaskDecision:
-    """Train until ``settings.steps``; ``batches(step)`` must be deterministic in ``step`` for resuming."""
+def run_search(search: MaskSearch, batches: Callable[[int], Batch]) -> MaskDecision:
+    """Train until ``settings.steps`` in memory (no checkpoints; the prune stage runs its steps in the stages' loop)."""
     while search.step < search.settings.steps:
-        report = search.train_step(batches(search.step))
-        if checkpoint is not None and checkpoint_every and search.step % checkpoint_every == 0:
-            checkpoint(search)
-        if on_step is not None:
-            on_step(report)
+        search.train_step(batches(search.step))
     return search.decision()

@@ -7,25 +7,10 @@ transformer is loaded. Either way it is wrapped as an ``SD3Stack``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import torch
 
 from training.prune.stacks import SD3Stack
-from training.teacher import TeacherSpec, load_teacher, resolve_teacher_dtype
-
-TEACHER_KINDS = ("sd3", "tiny_sd3")
-
-
-@dataclass(frozen=True)
-class TinyTeacherSpec:
-    """A random ``SD3Transformer2DModel(**config)`` with a random prompt, seeded by the recipe."""
-
-    config: dict[str, Any] = field(default_factory=dict)
-    prompt_tokens: int = 8
-    timestep: float = 1000.0
-    dtype: str = "fp32"
+from training.teacher import TeacherSpec, TinyTeacherSpec, load_teacher, resolve_teacher_dtype
 
 
 def build_teacher(spec: TeacherSpec | TinyTeacherSpec, device: torch.device, seed: int) -> SD3Stack:

@@ -1,5 +1,5 @@
-"""Training stages behind ``tinysr train --stage ...``: ``cache``, ``vae``, ``restore``, ``export``,
-``distill`` (a small model from a pixel-space teacher, data to exported file in one run).
+"""Training stages behind ``tinysr train --stage ...``: ``prune``, ``cache``, ``vae``, ``restore``,
+``export``, ``distill`` (a small model from a pixel-space teacher, data to exported file in one run).
 
 ``run_stage`` reads the recipe and dispatches; each stage module can also be used on its own.
 """
@@ -23,7 +23,8 @@ def run_stage(
     data: Path | None = None,
 ) -> StageResult:
     """Run one stage of a recipe. ``output`` overrides the run folder (the weights file for export);
-    ``data`` (distill only) is a folder of the user's own photos that replaces the recipe's manifest."""
+    ``stop_at_step`` checkpoints and returns after that step (continue with ``resume``); ``data``
+    (distill only) is a folder of the user's own photos that replaces the recipe's manifest."""
     if stage not in STAGES:
         raise TinySRError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     recipe = load_recipe(recipe_path)
@@ -40,6 +41,10 @@ def run_stage(
         return run_cache_stage(recipe, reporter)
     recipe.require("run")
     output_dir = Path(output) if output is not None else recipe.run.output_dir
+    if stage == "prune":
+        from training.stages.prune import run_prune_stage
+
+        return run_prune_stage(recipe, output_dir, resume, reporter, stop_at_step)
     if stage == "distill":
         from training.stages.distill import run_distill_stage
 

@@ -31,6 +31,7 @@ from typing import Protocol
 import torch
 
 from tinysr_cli.errors import TinySRError
+from training.discriminator import DiscriminatorSpec, build_discriminator
 from training.losses import hinge_discriminator_loss, hinge_generator_loss
 from training.recipe_io import tomllib
 from training.stages.recipe import OptimSpec, Recipe, resumable_view
@@ -273,6 +274,20 @@ def resolve_mixed_precision(name: str) -> tuple[str, str | None]:
     return name, None
 
 
+def _forget_other_precision(precision: str) -> None:
+    """Let a process that ran a stage in another precision run this one.
+
+    accelerate keeps one process-wide ``AcceleratorState`` and refuses a second ``Accelerator`` with
+    another ``mixed_precision``; a Python caller (or the tests) may run a bf16 stage after an fp32 one.
+    Only that state is dropped: the process group (``PartialState``) stays.
+    """
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 class Run:
     """One stage's run: accelerate, output folder, step counter, checkpoints and logs."""
 
@@ -284,6 +299,7 @@ class Run:
         self.recipe, self.spec = recipe, recipe.run
         self.output_dir, self.reporter = Path(output_dir), reporter
         precision, note = resolve_mixed_precision(self.spec.mixed_precision)
+        _forget_other_precision(precision)
         self.accelerator = Accelerator(mixed_precision=precision, step_scheduler_with_optimizer=False)
         check_launch(self.accelerator)
         if note and self.is_main:
@@ -441,6 +457,50 @@ def finite_or_raise(value: float, what: str, step: int) -> float:
     return value
 
 
+class Adversary:
+    """A stage's hinge-GAN discriminator: built, given its optimiser and prepared once; active from ``start_step``.
+
+    ``model`` is the prepared (DDP-wrapped) module the discriminator's own step runs; the generator's
+    term goes through the unwrapped module, so that it does not join DDP's gradient averaging twice.
+    """
+
+    def __init__(self, run: Run, spec: DiscriminatorSpec | None, optim: OptimSpec, steps: int, start_step: int) -> None:
+        discriminator = build_discriminator(spec or DiscriminatorSpec())
+        self.params = [p for p in discriminator.parameters() if p.requires_grad]
+        optimizer, scheduler = make_optimizer(self.params, optim, steps - start_step)
+        self.model, self.optimizer, self.scheduler = run.accelerator.prepare(discriminator, optimizer, scheduler)
+        self.plain = run.accelerator.unwrap_model(self.model)
+        self.run, self.start_step = run, start_step
+
+    def active(self, step: int) -> bool:
+        return step >= self.start_step
+
+    def generator_loss(self, image: torch.Tensor) -> torch.Tensor:
+        """The generator's hinge term; the discriminator's parameters get no gradient from it."""
+        set_trainable(self.params, False)
+        try:
+            return hinge_generator_loss(self.plain(image))
+        finally:
+            set_trainable(self.params, True)
+
+    def step(self, real: torch.Tensor, fake: torch.Tensor) -> float:
+        """One hinge-loss step of the discriminator on real and (detached) generated images."""
+        accelerator = self.run.accelerator
+        with accelerator.autocast():
+            real_logits, fake_logits = self.model(torch.cat([real, fake.detach()])).chunk(2)
+            loss = hinge_discriminator_loss(real_logits, fake_logits)
+        accelerator.backward(loss)
+        optimizer_step(self.run, self.optimizer, self.scheduler, self.params)
+        return loss.item()
+
+
+def make_adversary(run: Run, recipe: Recipe, optim: OptimSpec, weight: float, steps: int, start_step: int) -> Adversary | None:
+    """The recipe's discriminator when the GAN term is on (``weight > 0``) and starts before ``steps``."""
+    if weight <= 0 or steps <= start_step:
+        return None
+    return Adversary(run, recipe.discriminator, optim, steps, start_step)
+
+
 def image_terms(
     image: torch.Tensor,
     target: torch.Tensor,
@@ -448,8 +508,7 @@ def image_terms(
     *,
     perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
     perceptual_weight: float,
-    discriminator: torch.nn.Module | None,
-    discriminator_params: Sequence[torch.nn.Parameter],
+    adversary: Adversary | None,
     gan_weight: float,
 ) -> torch.Tensor:
     """The perceptual and generator-GAN terms on a decoded image (zero when both are off)."""
@@ -458,20 +517,8 @@ def image_terms(
         term = perceptual(image, target)
         loss = loss + perceptual_weight * term
         metrics["perceptual_loss"] = term.item()
-    if discriminator is not None:
-        set_trainable(discriminator_params, False)  # the generator's step must not train the discriminator
-        term = hinge_generator_loss(discriminator(image))
-        set_trainable(discriminator_params, True)
+    if adversary is not None:
+        term = adversary.generator_loss(image)
         loss = loss + gan_weight * term
         metrics["generator_loss"] = term.item()
     return loss
-
-
-def discriminator_step(run: Run, accelerator, discriminator, real: torch.Tensor, fake: torch.Tensor, optimizer, scheduler, params) -> float:
-    """One hinge-loss step of the discriminator on real and (detached) generated images."""
-    with accelerator.autocast():
-        real_logits, fake_logits = discriminator(torch.cat([real, fake.detach()])).chunk(2)
-        loss = hinge_discriminator_loss(real_logits, fake_logits)
-    accelerator.backward(loss)
-    optimizer_step(run, optimizer, scheduler, params)
-    return loss.item()

@@ -1,9 +1,11 @@
-"""Recipes of the ``cache``, ``vae``, ``restore`` and ``export`` stages: TOML read with tomllib.
+"""Recipes of every training stage: the one reader (TOML read with tomllib).
 
 Tables: ``[run]`` (output folder, seed, precision, checkpoints, logs), ``[teacher]``, ``[data]``
-(handed to ``training.data``), ``[cache]``, ``[student.vae]`` (``VAEConfig`` fields), ``[vae]``,
-``[restore]`` + ``[restore.lora]``, ``[discriminator]``, ``[export]``. A top-level ``stage`` names
-the stage the recipe is for. Unknown keys are errors (a typo must not silently become a default);
+(handed to ``training.data``; for prune, its batch source), ``[cache]``, ``[student.vae]``
+(``VAEConfig`` fields), ``[vae]``, ``[restore]`` + ``[restore.lora]``, ``[discriminator]``,
+``[export]``, ``[distill]`` (read by ``training.stages.distill``), and for ``stage = "prune"`` the
+top-level ``method`` with ``[space]``, ``[search]``, ``[loss]``, ``[baselines]``
+(``training.prune.recipe``). A top-level ``stage`` names the stage the recipe is for. Unknown keys are errors (a typo must not silently become a default);
 relative paths are resolved against the recipe's folder.
 """
 
@@ -15,17 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.recipe_io import RecipeError, read_toml
+from training.recipe_io import RecipeError, Table, positive, read_toml
 from tinysr_cli.models.vae import VAEConfig
 from tinysr_cli.weights.format import COLOR_FIXES
 from training.discriminator import DISCRIMINATORS, DiscriminatorSpec
 from training.latent_cache import CacheSpec
 from training.losses import PERCEPTUAL_LOSSES, REGRESSION_LOSSES
+from training.prune.recipe import PruneSpec, parse_prune
 from training.student import DEFAULT_LORA_TARGETS, LoraSpec
-from training.teacher import TeacherSpec
+from training.teacher import TEACHER_DTYPES, TEACHER_KINDS, TeacherSpec, TinyTeacherSpec
 
 
-STAGES = ("cache", "vae", "restore", "export", "distill")
+STAGES = ("prune", "cache", "vae", "restore", "export", "distill")
 PRECISIONS = ("fp16", "bf16", "no")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 # [run] keys that may change between a run and its resumption.
@@ -143,6 +146,7 @@ class Recipe:
     restore: RestoreStageSpec | None = None
     discriminator: DiscriminatorSpec | None = None
     export: ExportSpec | None = None
+    prune: PruneSpec | None = None
 
     def require(self, *names: str) -> None:
         missing = [name for name in names if getattr(self, name) is None]
@@ -163,116 +167,59 @@ def resumable_view(raw: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- parsing helpers
 
 
-class _Table:
-    """A recipe table whose keys are consumed as they are read; leftovers are reported as unknown."""
-
-    def __init__(self, data: Any, name: str, base: Path) -> None:
-        if not isinstance(data, dict):
-            raise RecipeError(f"[{name}] must be a table")
-        self.data, self.name, self.base = dict(data), name, base
-
-    def value(self, key: str, default: Any, kind: type | tuple[type, ...] | None = None) -> Any:
-        if key not in self.data:
-            return default
-        value = self.data.pop(key)
-        kind = kind or type(default)
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(value, bool) and kind is not bool:
-            raise RecipeError(f"{self.name}.{key} must be a {getattr(kind, '__name__', kind)}, got {value!r}")
-        if not isinstance(value, kind):
-            raise RecipeError(f"{self.name}.{key} must be a {getattr(kind, '__name__', kind)}, got {value!r}")
-        return value
-
-    def required(self, key: str, kind: type) -> Any:
-        if key not in self.data:
-            raise RecipeError(f"{self.name}.{key} is required")
-        return self.value(key, None, kind)
-
-    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.value(key, default, str)
-        if value not in choices:
-            raise RecipeError(f"{self.name}.{key} is {value!r}; choose one of {', '.join(choices)}")
-        return value
-
-    def path(self, key: str, required: bool = False) -> Path | None:
-        value = self.required(key, str) if required else self.value(key, None, str)
-        if value is None or value == "":
-            if required:
-                raise RecipeError(f"{self.name}.{key} must be a path")
-            return None
-        return (self.base / Path(value).expanduser()).resolve()
-
-    def int_list(self, key: str, default: tuple[int, ...] | None) -> tuple[int, ...] | None:
-        value = self.value(key, default, (list, tuple))
-        if value is None:
-            return None
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise RecipeError(f"{self.name}.{key} must be a list of integers")
-        return tuple(value)
-
-    def sub(self, key: str) -> _Table | None:
-        if key not in self.data:
-            return None
-        return _Table(self.data.pop(key), f"{self.name}.{key}", self.base)
-
-    def fields(self, cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-        """Read every scalar field of a dataclass whose key is present, typed by its default."""
-        values = {}
-        for item in dataclasses.fields(cls):
-            if item.name in skip or item.name not in self.data or item.default is dataclasses.MISSING:
-                continue
-            values[item.name] = self.value(item.name, item.default)
-        return values
-
-    def done(self) -> None:
-        if self.data:
-            raise RecipeError(f"unknown key(s) in [{self.name}]: {', '.join(sorted(self.data))}")
-
-
-def _positive(name: str, **values: float) -> None:
-    for key, value in values.items():
-        if value <= 0:
-            raise RecipeError(f"{name}.{key} must be positive, got {value}")
-
-
-def _run(table: _Table) -> RunSpec:
+def _run(table: Table, stage: str | None) -> RunSpec:
     output = table.path("output_dir", required=True)
     values = table.fields(RunSpec, skip=("output_dir",))
+    if stage == "prune":  # the search trains fp32 gates and LoRA around a teacher in teacher.dtype
+        if values.setdefault("mixed_precision", "no") != "no":
+            raise RecipeError('run.mixed_precision must be "no" for the prune stage: the teacher runs in teacher.dtype')
     spec = RunSpec(output_dir=output, **values)
     if spec.mixed_precision not in PRECISIONS:
         raise RecipeError(f"run.mixed_precision is {spec.mixed_precision!r}; choose one of {', '.join(PRECISIONS)}")
-    _positive("run", checkpoint_every=spec.checkpoint_every, keep_checkpoints=spec.keep_checkpoints, log_every=spec.log_every)
+    positive("run", checkpoint_every=spec.checkpoint_every, keep_checkpoints=spec.keep_checkpoints, log_every=spec.log_every)
     if spec.num_workers < 0:
         raise RecipeError("run.num_workers must be 0 or more")
     table.done()
     return spec
 
 
-def _teacher(table: _Table) -> TeacherSpec:
-    spec = TeacherSpec(
-        sd3=table.path("sd3", required=True),
-        prompt_embeds=table.path("prompt_embeds", required=True),
-        pooled_embeds=table.path("pooled_embeds", required=True),
-        transformer_lora=table.path("transformer_lora"),
-        vae_lora=table.path("vae_lora"),
-        lora_alpha=table.value("lora_alpha", None, float),
-        latent_scale=table.value("latent_scale", 1.5305),
-        timestep=table.value("timestep", 1000.0),
-        dtype=table.choice("dtype", "fp16", ("fp16", "bf16", "fp32")),
-    )
+def _teacher(table: Table) -> TeacherSpec | TinyTeacherSpec:
+    """The one ``[teacher]`` table: TSD-SR's files (``kind = "sd3"``), or a tiny random SD3 for prune tests."""
+    kind = table.choice("kind", "sd3", TEACHER_KINDS)
+    if kind == "tiny_sd3":
+        config = table.value("config", None, dict)
+        if not config:
+            raise RecipeError("a tiny_sd3 teacher needs a [teacher.config] table of SD3Transformer2DModel arguments")
+        spec = TinyTeacherSpec(
+            config=config,
+            prompt_tokens=table.value("prompt_tokens", 8),
+            timestep=table.value("timestep", 1000.0),
+            dtype=table.choice("dtype", "fp32", TEACHER_DTYPES),
+        )
+    else:
+        spec = TeacherSpec(
+            sd3=table.path("sd3", required=True),
+            prompt_embeds=table.path("prompt_embeds", required=True),
+            pooled_embeds=table.path("pooled_embeds", required=True),
+            transformer_lora=table.path("transformer_lora"),
+            vae_lora=table.path("vae_lora"),
+            lora_alpha=table.value("lora_alpha", None, float),
+            latent_scale=table.value("latent_scale", 1.5305),
+            timestep=table.value("timestep", 1000.0),
+            dtype=table.choice("dtype", "fp16", TEACHER_DTYPES),
+        )
     table.done()
     return spec
 
 
-def _cache(table: _Table) -> CacheSpec:
+def _cache(table: Table) -> CacheSpec:
     folder = table.path("dir", required=True)
     spec = CacheSpec(dir=folder, samples=table.required("samples", int), **table.fields(CacheSpec, skip=("dir", "samples")))
     table.done()
     return spec
 
 
-def _student_vae(table: _Table) -> VAEConfig:
+def _student_vae(table: Table) -> VAEConfig:
     values = {}
     for item in dataclasses.fields(VAEConfig):
         if item.name in table.data:
@@ -301,18 +248,18 @@ def _check_scheduler(name: str, scheduler: str) -> None:
         raise RecipeError(f"{name}.lr_scheduler is {scheduler!r}; choose one of {', '.join(LR_SCHEDULERS)}")
 
 
-def _vae(table: _Table) -> VaeStageSpec:
+def _vae(table: Table) -> VaeStageSpec:
     spec = VaeStageSpec(**table.fields(VaeStageSpec))
     table.done()
     _check_losses("vae", {"encoder_loss": spec.encoder_loss, "pixel_loss": spec.pixel_loss}, spec.perceptual)
     _check_scheduler("vae", spec.lr_scheduler)
-    _positive("vae", batch_size=spec.batch_size, encoder_lr=spec.encoder_lr, decoder_lr=spec.decoder_lr, discriminator_lr=spec.discriminator_lr)
+    positive("vae", batch_size=spec.batch_size, encoder_lr=spec.encoder_lr, decoder_lr=spec.decoder_lr, discriminator_lr=spec.discriminator_lr)
     if spec.encoder_steps < 0 or spec.decoder_steps < 0 or spec.steps == 0:
         raise RecipeError("vae.encoder_steps and vae.decoder_steps must be 0 or more, and not both 0")
     return spec
 
 
-def _lora(table: _Table | None) -> LoraSpec:
+def _lora(table: Table | None) -> LoraSpec:
     if table is None:
         return LoraSpec()
     targets = table.value("targets", list(DEFAULT_LORA_TARGETS), list)
@@ -323,7 +270,7 @@ def _lora(table: _Table | None) -> LoraSpec:
     return spec
 
 
-def _restore(table: _Table) -> RestoreStageSpec:
+def _restore(table: Table) -> RestoreStageSpec:
     lora = _lora(table.sub("lora"))
     kept: tuple[int, ...] | None = None
     if "kept_layers" in table.data:
@@ -334,7 +281,7 @@ def _restore(table: _Table) -> RestoreStageSpec:
     table.done()
     _check_losses("restore", {"latent_loss": spec.latent_loss, "hidden_loss": spec.hidden_loss}, spec.perceptual)
     _check_scheduler("restore", spec.lr_scheduler)
-    _positive("restore", batch_size=spec.batch_size, steps=spec.steps, lr=spec.lr, discriminator_lr=spec.discriminator_lr, pos_grid=spec.pos_grid)
+    positive("restore", batch_size=spec.batch_size, steps=spec.steps, lr=spec.lr, discriminator_lr=spec.discriminator_lr, pos_grid=spec.pos_grid)
     if spec.phase not in (1, 2):
         raise RecipeError(f"restore.phase must be 1 or 2, not {spec.phase}")
     if spec.init is None and spec.kept_layers is None:
@@ -346,7 +293,7 @@ def _restore(table: _Table) -> RestoreStageSpec:
     return spec
 
 
-def _discriminator(table: _Table) -> DiscriminatorSpec:
+def _discriminator(table: Table) -> DiscriminatorSpec:
     kind = table.choice("type", "patch", DISCRIMINATORS)
     weights = table.path("weights")
     blocks = table.int_list("blocks", (2, 5, 8, 11))
@@ -355,7 +302,7 @@ def _discriminator(table: _Table) -> DiscriminatorSpec:
     return spec
 
 
-def _export(table: _Table) -> ExportSpec:
+def _export(table: Table) -> ExportSpec:
     spec = ExportSpec(
         student=table.path("student", required=True),
         vae=table.path("vae", required=True),
@@ -370,10 +317,12 @@ def _export(table: _Table) -> ExportSpec:
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     raw = read_toml(path)
-    top = _Table(raw, path.name, path.resolve().parent)
+    top = Table(raw, path.name, path.resolve().parent, file=True)
     stage = top.value("stage", None, str)
+    if stage is not None and stage not in STAGES:
+        raise RecipeError(f"stage = {stage!r} is not one of {', '.join(STAGES)}")
     parsers = {
-        "run": _run,
+        "run": lambda table: _run(table, stage),
         "teacher": _teacher,
         "cache": _cache,
         "vae": _vae,
@@ -387,6 +336,10 @@ def load_recipe(path: str | Path) -> Recipe:
         if table is not None:
             values[name] = parse(table)
     data = top.value("data", None, dict)
+    if stage == "prune":
+        values["prune"] = parse_prune(top, None if data is None else Table(data, "data", top.base))
+    elif isinstance(values.get("teacher"), TinyTeacherSpec):
+        raise RecipeError("teacher.kind = 'tiny_sd3' (a transformer without files) is for the prune stage only")
     top.value("distill", None, dict)  # read by training.stages.distill.parse_distill
     student = top.sub("student")
     if student is not None:
@@ -395,6 +348,4 @@ def load_recipe(path: str | Path) -> Recipe:
         if vae_table is not None:
             values["student_vae"] = _student_vae(vae_table)
     top.done()
-    if stage is not None and stage not in STAGES:
-        raise RecipeError(f"stage = {stage!r} is not one of {', '.join(STAGES)}")
     return Recipe(path=path.resolve(), stage=stage, raw=raw, data=data, **values)

@@ -19,7 +19,6 @@ import torch
 
 from tinysr_cli.errors import TinySRError
 from training.data import derive_seed
-from training.discriminator import DiscriminatorSpec, build_discriminator
 from training.losses import build_perceptual, regression_loss
 from training.stages.cache import ensure_cache
 from training.stages.common import (
@@ -28,9 +27,9 @@ from training.stages.common import (
     StageResult,
     StepBatches,
     data_loader,
-    discriminator_step,
     finite_or_raise,
     image_terms,
+    make_adversary,
     make_optimizer,
     optimizer_step,
     set_trainable,
@@ -108,8 +107,7 @@ def run_restore_stage(recipe: Recipe, output_dir: Path, resume: bool, reporter: 
     optimizer, scheduler = make_optimizer(trainable, spec.student_optim(), spec.steps)
 
     teacher = load_teacher(recipe.teacher, accelerator.device, with_vae=False) if use_hidden else None
-    decoder = perceptual = discriminator = None
-    use_gan = pixel_space and spec.gan_weight > 0 and spec.steps > spec.gan_start_step
+    decoder = perceptual = None
     if pixel_space:
         vae, _ = load_vae(spec.vae)
         if vae.config.latent_channels != model.config.latent_channels:
@@ -120,16 +118,9 @@ def run_restore_stage(recipe: Recipe, output_dir: Path, resume: bool, reporter: 
             if perceptual is None:
                 raise TinySRError('restore.perceptual_weight > 0 needs a perceptual loss; set perceptual = "lpips" or the weight to 0')
             perceptual.to(accelerator.device)
-    if use_gan:
-        discriminator = build_discriminator(recipe.discriminator or DiscriminatorSpec())
-        disc_params = [p for p in discriminator.parameters() if p.requires_grad]
-        disc_opt, disc_sched = make_optimizer(disc_params, spec.discriminator_optim(), spec.steps - spec.gan_start_step)
-        student, optimizer, scheduler, discriminator, disc_opt, disc_sched = accelerator.prepare(
-            student, optimizer, scheduler, discriminator, disc_opt, disc_sched
-        )
-        plain_discriminator = accelerator.unwrap_model(discriminator)
-    else:
-        student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    gan_weight = spec.gan_weight if pixel_space else 0.0
+    adversary = make_adversary(run, recipe, spec.discriminator_optim(), gan_weight, spec.steps, spec.gan_start_step)
     run.restore_checkpoint()
 
     batches = StepBatches(len(cache), spec.batch_size, run.spec.seed, run.step, accelerator.process_index, accelerator.num_processes)
@@ -140,7 +131,7 @@ def run_restore_stage(recipe: Recipe, output_dir: Path, resume: bool, reporter: 
         if use_hidden:
             with torch.no_grad(), teacher.capture_hidden(kept) as captured:
                 teacher.velocity(z_lq)
-        gan_now = use_gan and index >= spec.gan_start_step
+        gan_now = adversary is not None and adversary.active(index)
         with accelerator.autocast():
             restored, hidden = student(z_lq)
             latent = regression_loss(spec.latent_loss, restored, batch["z_teacher"])
@@ -155,16 +146,13 @@ def run_restore_stage(recipe: Recipe, output_dir: Path, resume: bool, reporter: 
                 image = decoder(restored / scale)
                 loss = loss + image_terms(
                     image, hq, metrics, perceptual=perceptual, perceptual_weight=spec.perceptual_weight,
-                    discriminator=plain_discriminator if gan_now else None, discriminator_params=disc_params if gan_now else (),
-                    gan_weight=spec.gan_weight,
+                    adversary=adversary if gan_now else None, gan_weight=spec.gan_weight,
                 )
         accelerator.backward(loss)
         metrics["grad_norm"] = optimizer_step(run, optimizer, scheduler, trainable)
         metrics["loss"] = finite_or_raise(loss.item(), "loss", index)
         if gan_now:
-            metrics["discriminator_loss"] = discriminator_step(
-                run, accelerator, discriminator, hq, image, disc_opt, disc_sched, disc_params
-            )
+            metrics["discriminator_loss"] = adversary.step(hq, image)
         return metrics
 
     loader = data_loader(cache, batches, run.spec.num_workers)

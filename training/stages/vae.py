@@ -18,7 +18,6 @@ from tinysr_cli.atomic import atomic_path
 from tinysr_cli.errors import TinySRError
 from tinysr_cli.models.vae import TinyVAE, VAEConfig
 from training.data import derive_seed
-from training.discriminator import DiscriminatorSpec, build_discriminator
 from training.latent_cache import bicubic_input
 from training.losses import build_perceptual, regression_loss
 from training.stages.cache import ensure_cache
@@ -28,9 +27,9 @@ from training.stages.common import (
     StageResult,
     StepBatches,
     data_loader,
-    discriminator_step,
     finite_or_raise,
     image_terms,
+    make_adversary,
     make_optimizer,
     optimizer_step,
 )
@@ -92,8 +91,6 @@ def run_vae_stage(recipe: Recipe, output_dir: Path, resume: bool, reporter: Repo
         perceptual = build_perceptual(spec.perceptual)
         if perceptual is None:
             raise TinySRError('vae.perceptual_weight > 0 needs a perceptual loss; set perceptual = "lpips" or the weight to 0')
-    use_gan = spec.gan_weight > 0 and spec.decoder_steps > spec.gan_start_step
-    discriminator = build_discriminator(recipe.discriminator or DiscriminatorSpec()) if use_gan else None
 
     enc_params = list(vae.encoder.parameters())
     dec_params = list(vae.decoder.parameters())
@@ -102,11 +99,7 @@ def run_vae_stage(recipe: Recipe, output_dir: Path, resume: bool, reporter: Repo
     encoder, decoder, enc_opt, dec_opt, enc_sched, dec_sched = accelerator.prepare(
         vae.encoder, vae.decoder, enc_opt, dec_opt, enc_sched, dec_sched
     )
-    if use_gan:
-        disc_params = [p for p in discriminator.parameters() if p.requires_grad]
-        disc_opt, disc_sched = make_optimizer(disc_params, spec.discriminator_optim(), spec.decoder_steps - spec.gan_start_step)
-        discriminator, disc_opt, disc_sched = accelerator.prepare(discriminator, disc_opt, disc_sched)
-        plain_discriminator = accelerator.unwrap_model(discriminator)
+    adversary = make_adversary(run, recipe, spec.discriminator_optim(), spec.gan_weight, spec.decoder_steps, spec.gan_start_step)
     if perceptual is not None:
         perceptual.to(accelerator.device)
     run.restore_checkpoint()
@@ -125,7 +118,7 @@ def run_vae_stage(recipe: Recipe, output_dir: Path, resume: bool, reporter: Repo
             metrics["encoder_grad_norm"] = optimizer_step(run, enc_opt, enc_sched, enc_params)
             metrics["encoder_loss"] = finite_or_raise(loss.item(), "encoder loss", index)
         if index < spec.decoder_steps:
-            gan_now = use_gan and index >= spec.gan_start_step
+            gan_now = adversary is not None and adversary.active(index)
             with accelerator.autocast():
                 image = decoder(batch["z_hq"] / scale)
                 pixel = regression_loss(spec.pixel_loss, image, hq)
@@ -133,16 +126,13 @@ def run_vae_stage(recipe: Recipe, output_dir: Path, resume: bool, reporter: Repo
                 metrics["pixel_loss"] = pixel.item()
                 loss = loss + image_terms(
                     image, hq, metrics, perceptual=perceptual, perceptual_weight=spec.perceptual_weight,
-                    discriminator=plain_discriminator if gan_now else None, discriminator_params=disc_params if gan_now else (),
-                    gan_weight=spec.gan_weight,
+                    adversary=adversary if gan_now else None, gan_weight=spec.gan_weight,
                 )
             accelerator.backward(loss)
             metrics["decoder_grad_norm"] = optimizer_step(run, dec_opt, dec_sched, dec_params)
             metrics["decoder_loss"] = finite_or_raise(loss.item(), "decoder loss", index)
             if gan_now:
-                metrics["discriminator_loss"] = discriminator_step(
-                    run, accelerator, discriminator, hq, image, disc_opt, disc_sched, disc_params
-                )
+                metrics["discriminator_loss"] = adversary.step(hq, image)
         return metrics
 
     loader = data_loader(cache, batches, run.spec.num_workers)
