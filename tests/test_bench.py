@@ -62,5 +62,5 @@ def test_bench_without_peft_says_what_is_missing(tmp_path):
     result = run_cli("bench", "--config", "tiny", "--size", "256", "--large", "0", "--runs", "1", env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 1
     assert "Error: the official-style comparison needs the peft package, which is not installed" in result.stderr
-    assert "Hint: pip install peft, or pass --no-official" in result.stderr
+    assert 'Hint: pip install "tinysr[bench]", or pass --no-official' in result.stderr
     assert "Traceback" not in result.stderr and "TSD-SR" not in result.stderr  # the 2.1 B comparison is opt-in

@@ -121,3 +121,18 @@ def test_cli_info_rejects_a_bad_size():
     result = run_cli("info", "--size", "big")
     assert result.returncode == 1
     assert "Error: invalid --size 'big'" in result.stderr
+
+
+def test_cli_info_teacher_without_diffusers_names_the_extra(tmp_path):
+    """diffusers is not a dependency of inference: a plain install counts TinySR, and says what --teacher needs."""
+    blocker = tmp_path / "diffusers"
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'diffusers'\", name='diffusers')\n")
+    result = run_cli("info", "--teacher", env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "Error: counting the teacher needs the diffusers package, which is not installed",
+        'Hint: pip install "tinysr[bench]"',
+    ]
+    plain = run_cli("info", "--size", "256", "--json", env={"PYTHONPATH": str(tmp_path)})
+    assert plain.returncode == 0 and json.loads(plain.stdout)["width"] == 256

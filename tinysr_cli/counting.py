@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from tinysr_cli.engine.tiling import plan_tiles
+from tinysr_cli.errors import TinySRError
 from tinysr_cli.models.tinysr import TinySR, TinySRConfig
 
 # Ops that nn.Conv2d / nn.Linear dispatch to; every other counted op is an attention matmul.
@@ -142,7 +143,12 @@ def count_tinysr(config: TinySRConfig, height: int = 512, width: int = 512, name
 
 def count_teacher(height: int = 512, width: int = 512) -> Count:
     """TSD-SR's teacher (SD3-medium transformer + SD3 VAE, without its LoRA) for one output."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    try:
+        from diffusers import AutoencoderKL, SD3Transformer2DModel
+    except ModuleNotFoundError as exc:
+        raise TinySRError(
+            f"counting the teacher needs the {exc.name} package, which is not installed", hint='pip install "tinysr[bench]"'
+        ) from None
 
     height, width = -(-height // 16) * 16, -(-width // 16) * 16
     with torch.device("meta"):

@@ -82,7 +82,7 @@ def _measure(results, step, ours, target, dtype, size, large, runs, official, ts
         except ModuleNotFoundError as exc:
             raise TinySRError(
                 f"the official-style comparison needs the {exc.name} package, which is not installed",
-                hint=f"pip install {exc.name}, or pass --no-official",
+                hint='pip install "tinysr[bench]", or pass --no-official',
             ) from None
         slow = Upscaler(official_model, device=target, dtype=dtype, options=UpscaleOptions(batch_size=1))
         note = "run-time modulation, unmerged rank-64 LoRA, batch 1"
@@ -93,7 +93,7 @@ def _measure(results, step, ours, target, dtype, size, large, runs, official, ts
             results.append(bench.measure_tsdsr(target, dtype, size, max(1, min(runs, 3))))
         except ModuleNotFoundError as exc:
             raise TinySRError(
-                f"--tsdsr needs the {exc.name} package, which is not installed", hint=f"pip install {exc.name}"
+                f"--tsdsr needs the {exc.name} package, which is not installed", hint='pip install "tinysr[bench]"'
             ) from None
     for name, wanted, note in (("span-x4", span, "SPAN x4 via spandrel, exact tiles"), ("realesrgan-x4plus", realesrgan, "RRDBNet via spandrel, exact tiles")):
         if wanted:
