@@ -166,9 +166,7 @@ def _show_left_out(report: Report, evaluator: Evaluator, quiet: bool) -> None:
 @contextlib.contextmanager
 def _progress_bar(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
     """A scoring bar on a terminal; yields the callback that moves it."""
-    from tinysr_cli.cli.upscale_run import progress_bar
-
-    with progress_bar(disable=quiet or not console.stderr.is_terminal) as bar:
+    with console.progress_bar(disable=quiet or not console.stderr.is_terminal) as bar:
         task = bar.add_task("scoring", total=None)
 
         def update(name: str, done: int, total: int) -> None:
@@ -181,7 +179,6 @@ def _upscale_folder(
     lr_folder: Path, out: Path, model: str, device: str, precision: str, overwrite: bool, quiet: bool
 ) -> dict[str, str]:
     """Upscale every LR image into ``out`` as PNG; returns failures by name. Existing results are reused."""
-    from tinysr_cli.cli.upscale_run import progress_bar
     from tinysr_cli.errors import TinySRError, cli_text
     from tinysr_cli.io.paths import plan_jobs
     from tinysr_cli.pipeline import BatchOptions, load_upscaler, upscale_job
@@ -200,7 +197,7 @@ def _upscale_folder(
     batch = BatchOptions(model=model, device=device, precision=precision, overwrite=True, quiet=quiet, strip_metadata=True)
     upscaler = load_upscaler(batch, warn=console.warn)
     failures: dict[str, str] = {}
-    with progress_bar(disable=quiet or not console.stderr.is_terminal) as bar:
+    with console.progress_bar(disable=quiet or not console.stderr.is_terminal) as bar:
         files = bar.add_task("upscaling", total=len(pending))
         tiles = bar.add_task("tiles", total=None)
         for job in pending:
