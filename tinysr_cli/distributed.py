@@ -181,6 +181,7 @@ class Worker:
     def run_chunk(self, job: Job, chunk_json: str, parts: Path) -> Outcome:
         """One chunk of a video into ``parts`` (the driver joins them); a chunk done already is skipped."""
         from tinysr_cli.io import video, video_chunks
+        from tinysr_cli.pipeline import ITEM_ERRORS
 
         chunk = video_chunks.Chunk.from_json(chunk_json)
         target = video_chunks.chunk_path(parts, chunk, job.output)
@@ -196,7 +197,7 @@ class Worker:
                 crf=self.options.crf, pix_fmt=self.options.pix_fmt,
                 batch_size=1 if upscaler.device.type == "cpu" else video.DEFAULT_BATCH_SIZE,
             )
-        except (TinySRError, OSError, ValueError, RuntimeError, MemoryError) as exc:
+        except ITEM_ERRORS as exc:
             message = str(exc) if isinstance(exc, TinySRError) else f"{job.source}: {type(exc).__name__}: {exc}"
             return Outcome(source, None, "failed", message, time.perf_counter() - started, _worker_name(), chunk.index)
         return Outcome(source, str(target), "done", "", time.perf_counter() - started, _worker_name(), chunk.index)

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from tinysr_cli.pipeline import ITEM_ERRORS
+
 LR_LABEL = "LR"
 GT_LABEL = "GT"
 THUMBNAIL_SIDE = 256  # longest side of the overview, in pixels
@@ -156,7 +158,7 @@ def build_comparison(
             comparison.images.append(
                 _compare_one(name, files, comparison, crops=crops, border=border, convention=convention, learned=learned)
             )
-        except (ComparisonError, ValueError, OSError, RuntimeError, MemoryError) as exc:
+        except ITEM_ERRORS as exc:  # a ComparisonError is a ValueError
             message = str(exc) if str(exc).startswith(name) else f"{name}: {exc}"
             comparison.failed.append((name, message))
             if on_error is not None:
@@ -169,13 +171,13 @@ def _pair_sources(sources: list[tuple[str, Path]], comparison: Comparison) -> di
 
     Single files always pair with each other, whatever their names; the ground truth's names the image.
     """
-    from tinysr_cli.cli.eval import _images_by_name, _Pairing
+    from tinysr_cli.evaluation import Pairing, images_by_name
 
     if all(path.is_file() for _, path in sources):
         reference = dict(sources).get(GT_LABEL, sources[0][1])
         return {reference.stem: {label: path for label, path in sources}}
-    skipped = _Pairing()
-    found = {label: _images_by_name(path, "", skipped) for label, path in sources}
+    skipped = Pairing()
+    found = {label: images_by_name(path, "", skipped) for label, path in sources}
     comparison.left_out.extend(f"{path}: not an image" for path in skipped.not_images)
     everywhere = set.intersection(*(set(files) for files in found.values()))
     paired: dict[str, dict[str, Path] | str] = {}

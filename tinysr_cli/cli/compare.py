@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from tinysr_cli.cli import console
+from tinysr_cli.cli import console, options
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 
 _INPUTS = "Inputs"
 _CROPS = "Crops"
-_SCORING = "Scoring"
 
 
 def compare_command(
@@ -46,33 +45,25 @@ def compare_command(
     crop_size: Annotated[int, typer.Option(
         "--crop-size", help="Side of a crop in HR pixels (a multiple of --scale with --lr).", min=8, rich_help_panel=_CROPS,
     )] = 128,
-    metrics: Annotated[Optional[list[str]], typer.Option(
-        "--metrics", "-m",
-        help="As for tinysr eval: psnr, ssim (the default), lpips, dists, niqe, ... or all; those that cannot be "
-        "computed here are noted on the page.",
-        rich_help_panel=_SCORING,
-    )] = None,
-    convention: Annotated[str, typer.Option(
-        help="PSNR/SSIM as BasicSR computes them (basicsr) or as pyiqa does (pyiqa).", rich_help_panel=_SCORING,
-    )] = "basicsr",
-    crop_border: Annotated[Optional[int], typer.Option(
-        "--crop-border", min=0, help="Pixels trimmed from each edge before PSNR/SSIM (default: the scale for basicsr, 0 for pyiqa).",
-        rich_help_panel=_SCORING,
-    )] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps, for the learned metrics.", rich_help_panel=_SCORING)] = "auto",
+    metrics: options.Metrics = None,
+    convention: options.Convention = "basicsr",
+    crop_border: options.CropBorder = None,
+    device: options.Device = "auto",
     title: Annotated[str, typer.Option(help="The page's title.")] = "tinysr compare",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No notes or table; warnings and errors only.")] = False,
 ) -> None:
-    """Write one HTML page comparing methods: aligned crops (LR, each method, ground truth) and a metric table."""
+    """Write one HTML page comparing methods: aligned crops (LR, each method, ground truth) and a metric table.
+
+    Metrics that cannot be computed here are noted on the page.
+    """
     from tinysr_cli import metrics as m
     from tinysr_cli import report
-    from tinysr_cli.cli.eval import _load_learned, _parse_metrics
     from tinysr_cli.errors import TinySRError
+    from tinysr_cli.evaluation import load_learned
 
     methods = parse_methods(pred, reserved=[label for label, path in ((report.LR_LABEL, lr), (report.GT_LABEL, gt)) if path])
-    names = _parse_metrics(metrics)
-    if convention not in m.CONVENTIONS:
-        raise typer.BadParameter(f"{convention!r} is not one of {', '.join(m.CONVENTIONS)}", param_hint="--convention")
+    names = options.metric_names(metrics)
+    options.convention(convention)
     if lr is not None and crop_size % scale:
         raise typer.BadParameter(f"{crop_size} is not a multiple of --scale {scale}", param_hint="--crop-size")
     for path, option in (*((path, f"--pred {name}") for name, path in methods), (gt, "--gt"), (lr, "--lr")):
@@ -80,7 +71,12 @@ def compare_command(
             raise TinySRError(f"{path}: no such file or folder ({option})")
 
     wanted = [name for name in names if gt is not None or name not in m.FULL_REFERENCE]
-    learned, unavailable = _load_learned([n for n in wanted if n not in m.FOLDER_METRICS], device, quiet)
+    learned, unavailable = load_learned([n for n in wanted if n not in m.FOLDER_METRICS], device)
+    for name, why in unavailable.items():
+        console.warn(f"{name}: not computed: {why}")
+    if not quiet:
+        for name, metric in learned.items():
+            console.note(f"{name}: {metric.implementation}")
     comparison = report.build_comparison(
         methods, gt=gt, lr=lr, scale=scale, crops=crops, crop_size=crop_size, metrics=names, convention=convention,
         crop_border=crop_border, learned=learned, on_error=console.error,

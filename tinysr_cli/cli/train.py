@@ -54,7 +54,7 @@ def train_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes; errors only.")] = False,
 ) -> None:
     """Train TinySR: run one stage of a recipe (needs `pip install "tinysr\\[train]"`)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import TextColumn
 
     from tinysr_cli.errors import TinySRError
 
@@ -70,15 +70,7 @@ def train_command(
 
     main_process = os.environ.get("RANK", "0") == "0"
     show = main_process and not quiet
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[metrics]}"),
-    )
-    with Progress(*columns, console=console.stderr, disable=not show) as bar:
+    with console.progress_bar(not show, TextColumn("{task.fields[metrics]}")) as bar:
         reporter = _RichReporter(bar) if show else SilentReporter()
         try:
             result = run_stage(stage, config, output=output, resume=resume, reporter=reporter, stop_at_step=stop_at_step, data=data)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import datetime
 import signal
 import time
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
-from rich.text import Text
 
 from tinysr_cli import pipeline
 from tinysr_cli.cli import console
@@ -72,7 +69,7 @@ def run_batch(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
         upscaler = pipeline.load_upscaler(options, warn=console.warn) if pending else None
         # Progress only on a terminal (logs get the result and summary lines, not bar redraws).
         show = not options.quiet and console.stderr.is_terminal
-        with progress_bar(disable=not show) as bar:
+        with console.progress_bar(disable=not show) as bar:
             files_task = bar.add_task("files", total=len(pending), eta=None)
             tiles_task = bar.add_task("", total=None, visible=False)
             batch_started = time.perf_counter()
@@ -118,30 +115,6 @@ def run_batch(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
 
     summary()
     return failures
-
-
-class _EtaColumn(ProgressColumn):
-    """Time left: the batch's from the mean time per finished file; other rows' from Rich's estimate."""
-
-    def render(self, task) -> Text:
-        eta = task.fields["eta"] if "eta" in task.fields else task.time_remaining
-        if eta is None:
-            return Text("ETA -:--:--", style="progress.remaining")
-        return Text(f"ETA {datetime.timedelta(seconds=int(eta))}", style="progress.remaining")
-
-
-def progress_bar(disable: bool) -> Progress:
-    """The progress display every command uses: on stderr, label, bar, count, elapsed and ETA; gone when done."""
-    return Progress(
-        TextColumn("{task.description}", style="bold"),
-        BarColumn(bar_width=20),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        _EtaColumn(),
-        console=console.stderr,
-        disable=disable,
-        transient=True,
-    )
 
 
 def _short(name: str, width: int) -> str:

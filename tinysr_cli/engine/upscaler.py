@@ -27,8 +27,8 @@ from tinysr_cli.errors import TinySRError
 from tinysr_cli.models.tinysr import UPSCALE, TinySR
 from tinysr_cli.models.transformer import TransformerConfig
 from tinysr_cli.models.vae import decoder_receptive_radius, encoder_receptive_radius
+from tinysr_cli.weights.format import COLOR_FIXES  # recorded in a weights file, applied here
 
-COLOR_FIXES = ("adain", "wavelet", "none")
 # Peak CPU memory of one image through upscale(), resampling and saving, per output pixel: measured
 # as the growth of peak RSS between 512, 768 and 1536 px inputs (45 to 78 bytes), with a margin.
 CPU_BYTES_PER_OUTPUT_PIXEL = 96
