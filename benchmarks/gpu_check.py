@@ -7,7 +7,8 @@ Writes OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md (rewritten after every pa
 short still leaves a report) and OUT_DIR/cuda_tests.xml (pytest's JUnit report). Parts, each
 time-boxed and wrapped so that a failing part is recorded and the rest still runs:
 
-1. tests        the suite's CUDA-marked tests (tests/test_cuda.py), in a pytest subprocess
+1. tests        the suite's CUDA-marked tests (tests/test_cuda.py; two GPUs in
+                test_multi_device.py), in a pytest subprocess
 2. side_by_side one 512x512 output in fp16, batch 1 and the best batch: our engine (eager;
                 compiled in part 6), the official-style pipeline, the TSD-SR architecture,
                 Real-ESRGAN x4plus and SPAN; latency, images/s, peak device memory
@@ -219,7 +220,7 @@ def part_tests(scale: Scale, device, out: Path, box: Box) -> dict:
     junit = out / "cuda_tests.xml"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", f"--junitxml={junit}",
-               str(ROOT / "tests" / "test_cuda.py")]
+               str(ROOT / "tests" / "test_cuda.py"), str(ROOT / "tests" / "test_multi_device.py")]
     try:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(box.left(), 1))
     except subprocess.TimeoutExpired as exc:

@@ -109,19 +109,3 @@ def test_cuda_graphs_need_cuda(tiny_model):
         Upscaler(copy.deepcopy(tiny_model), options=UpscaleOptions(compile="cudagraphs"))
     with pytest.raises(ValueError, match="compile must be one of"):
         UpscaleOptions(compile="fast")
-
-
-def test_device_lists_are_parsed_and_checked():
-    from tinysr_cli.engine.device import resolve_devices
-
-    assert resolve_devices("cpu") == [torch.device("cpu")]
-    for bad in ("cpu,cuda:0", "cuda:0,", "cuda:0,x", "cuda:0,mps"):
-        with pytest.raises(TinySRError, match="cannot list devices"):
-            resolve_devices(bad)
-    if torch.cuda.device_count() >= 2:
-        assert resolve_devices("cuda:0,1") == [torch.device("cuda:0"), torch.device("cuda:1")]
-        with pytest.raises(TinySRError, match="listed twice"):
-            resolve_devices("cuda:1,cuda:1")
-    elif not torch.cuda.is_available():
-        with pytest.raises(TinySRError, match="CUDA"):
-            resolve_devices("cuda:0,1")

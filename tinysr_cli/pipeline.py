@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import queue
+import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tinysr_cli.engine.device import resolve_device, resolve_precision
+from tinysr_cli.engine.device import resolve_devices, resolve_precision
 from tinysr_cli.engine.pixel import PixelUpscaler, load_pixel_upscaler
 from tinysr_cli.engine.upscaler import ProgressCallback, UpscaleOptions, Upscaler, available_memory
 from tinysr_cli.errors import TinySRError, python_text
@@ -56,7 +58,9 @@ ITEM_ERRORS = (TinySRError, OSError, ValueError, RuntimeError, MemoryError)
 @dataclass(frozen=True)
 class BatchOptions:
     model: str | None = None  # None: the configured default (TINYSR_MODEL, config file, registry)
-    device: str = "auto"
+    # One device, or several (``"cuda:0,1"``, or a list of names such as ``["cpu", "cpu"]``): one
+    # model per device, the files shared among them (see ``upscale_jobs``).
+    device: str | Sequence[str] = "auto"
     precision: str = "auto"
     engine: UpscaleOptions = UpscaleOptions()
     scale: float | None = None
@@ -155,9 +159,16 @@ def plan_inputs(
     return Plan(kept, dropped, plan.failed)
 
 
-def load_upscaler(options: BatchOptions, warn: Callable[[str], None] | None = None) -> Upscalers:
-    """The model ``options.model`` names, placed on its device; ``warn`` hears about random weights."""
-    device = resolve_device(options.device)
+def load_upscaler(
+    options: BatchOptions, warn: Callable[[str], None] | None = None, *, device: torch.device | None = None
+) -> Upscalers:
+    """The model ``options.model`` names, placed on ``device`` (default: the one ``options.device``
+    names); ``warn`` hears about random weights."""
+    if device is None:
+        devices = resolve_devices(options.device)
+        if len(devices) > 1:
+            raise TinySRError(f"{{opt:device}} lists {len(devices)} devices: load_upscalers loads one model on each", option="device")
+        device = devices[0]
     dtype = resolve_precision(options.precision, device)
     # TINYSR_MODEL or the config file may name a pixel-space model too.
     spec = options.model if options.model is not None else load_registry().default
@@ -174,6 +185,12 @@ def load_upscaler(options: BatchOptions, warn: Callable[[str], None] | None = No
                 f"{{opt:tile}} {options.engine.tile} / {{opt:tile_overlap}} {options.engine.tile_overlap}: {exc}", option="tile"
             ) from None
         raise
+
+
+def load_upscalers(options: BatchOptions, warn: Callable[[str], None] | None = None) -> list[Upscalers]:
+    """One model per device ``options.device`` lists, each loaded once (``warn`` hears the first)."""
+    devices = resolve_devices(options.device)
+    return [load_upscaler(options, warn if index == 0 else None, device=device) for index, device in enumerate(devices)]
 
 
 def final_size(height: int, width: int, options: BatchOptions) -> tuple[int, int]:
@@ -406,36 +423,132 @@ def upscale_job(
     )
 
 
+def upscale_jobs(
+    upscalers: Sequence[Upscalers],
+    jobs: Sequence[Job],
+    options: BatchOptions,
+    *,
+    inputs: frozenset[Path] = frozenset(),
+    progress: ProgressCallback | None = None,
+    video_progress: VideoProgressCallback | None = None,
+) -> Iterator[Result]:
+    """Every job once, one :class:`Result` each as it finishes, as :func:`upscale_job` makes them.
+
+    One upscaler: in order, on this thread, with ``progress`` and ``video_progress``. Several (one per
+    device): each on its own thread, taking the next job whenever it is free, so a long video on one
+    device never holds back the images behind it; the callbacks are not called (tile progress of
+    jobs running at once would interleave). A bug (an exception a bad file cannot cause) in a thread
+    stops the others after their current job and is raised here.
+    """
+    if len(upscalers) == 1:
+        for job in jobs:
+            yield upscale_job(upscalers[0], job, options, inputs=inputs, progress=progress, video_progress=video_progress)
+        return
+    todo: queue.SimpleQueue[Job] = queue.SimpleQueue()
+    for job in jobs:
+        todo.put(job)
+    finished: queue.SimpleQueue[Result | BaseException | None] = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def work(upscaler: Upscalers) -> None:
+        _routed.active = True
+        try:
+            while not stop.is_set():
+                try:
+                    job = todo.get_nowait()
+                except queue.Empty:
+                    return
+                finished.put(upscale_job(upscaler, job, options, inputs=inputs))
+        except BaseException as exc:  # handed to the caller's thread, which raises it
+            finished.put(exc)
+        finally:
+            finished.put(None)
+
+    threads = [threading.Thread(target=work, args=(upscaler,), name=f"tinysr-{index}-{upscaler.device}", daemon=True)
+               for index, upscaler in enumerate(upscalers)]
+    with _routing_warnings():
+        for thread in threads:
+            thread.start()
+        running = len(threads)
+        try:
+            while running:
+                item = finished.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            stop.set()  # an interrupt or a bug: each thread stops after its current job (written atomically)
+
+
 def upscale_files(
     inputs: list[str | Path],
     output: str | Path | None = None,
     options: BatchOptions = BatchOptions(),
     *,
-    upscaler: Upscalers | None = None,
+    upscaler: Upscalers | Sequence[Upscalers] | None = None,
     progress: ProgressCallback | None = None,
     **naming,
 ) -> Iterator[Result]:
     """Every image and video among ``inputs`` (files, folders, globs), one :class:`Result` each as it
     finishes. ``naming``: ``recursive``, ``suffix``, ``output_format``, ``video_only``, ``images_only``
-    as for `tinysr upscale`. The model loads only if something is left to do."""
+    as for `tinysr upscale`. The model loads only if something is left to do: once per device that
+    ``options.device`` lists, the files shared among the devices (:func:`upscale_jobs`)."""
     plan = plan_inputs([str(path) for path in inputs], Path(output) if output is not None else None, **naming)
     pending, decided = triage(plan, options)
     yield from decided
-    if pending and upscaler is None:
-        upscaler = load_upscaler(options, warn=lambda text: warnings.warn(text, stacklevel=2))
+    if not pending:
+        return
+    if upscaler is None:
+        upscalers = load_upscalers(options, warn=lambda text: warnings.warn(text, stacklevel=2))
+    else:
+        upscalers = list(upscaler) if isinstance(upscaler, Sequence) else [upscaler]
     sources = frozenset(job.source.resolve() for job in plan.jobs)
-    for job in pending:
-        yield upscale_job(upscaler, job, options, inputs=sources, progress=progress)
+    yield from upscale_jobs(upscalers, pending, options, inputs=sources, progress=progress)
+
+
+# Worker threads of ``upscale_jobs`` set ``active``; ``caught`` is the list of the job they run.
+_routed = threading.local()
+
+
+@contextlib.contextmanager
+def _routing_warnings():
+    """Python warnings raised on worker threads go to the running job's list, by thread.
+
+    ``warnings.catch_warnings`` swaps process-wide state, so jobs on several threads cannot each
+    enter it (they would restore each other's state and lose or swap warnings): one catch here, and
+    a ``showwarning`` that files each warning under the thread that raised it.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        shown = warnings.showwarning
+
+        def file_by_thread(message, category, filename, lineno, file=None, line=None) -> None:
+            caught = getattr(_routed, "caught", None)
+            if caught is None:
+                shown(message, category, filename, lineno, file, line)
+            else:
+                caught.append(warnings.WarningMessage(message, category, filename, lineno, file, line))
+
+        warnings.showwarning = file_by_thread
+        yield
 
 
 @contextlib.contextmanager
 def _library_warnings(source: Path, sink: list[str]):
     """Python warnings raised inside, as ``FILE: message`` lines in ``sink`` (each text once)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    routed = getattr(_routed, "active", False)  # a worker thread of upscale_jobs: see _routing_warnings
+    with contextlib.nullcontext([]) if routed else warnings.catch_warnings(record=True) as caught:
+        if routed:
+            _routed.caught = caught
+        else:
+            warnings.simplefilter("always")
         try:
             yield
         finally:
+            _routed.caught = None
             for item in caught:
                 text = f"{source}: {' '.join(str(item.message).split())}"
                 if text not in sink:

@@ -27,7 +27,11 @@ def upscale_command(
             "(default: the configured model, see docs/weights.md).",
             rich_help_panel=_ENGINE,
         )] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=_ENGINE)] = "auto",
+    device: Annotated[str, typer.Option(
+            help="auto, cpu, cuda, cuda:N or mps; several GPUs as cuda:0,1 (or cuda:0,cuda:1): one model per GPU, "
+            "each taking the next file when it is free.",
+            rich_help_panel=_ENGINE,
+        )] = "auto",
     precision: Annotated[
         str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16.", rich_help_panel=_ENGINE)
     ] = "auto",
@@ -138,6 +142,7 @@ def upscale_command(
 
     if workers is not None and ray is None:
         raise TinySRError("--workers needs --ray")
+    check_devices(device, ray=ray is not None)
     check_options(scale=scale, width=width, height=height, tile=tile, tile_overlap=tile_overlap, batch_size=batch_size,
                   output_format=output_format)
     try:
@@ -188,6 +193,9 @@ def upscale_command(
         failures = run_cluster(plan, options, address=ray, workers=workers, chunk_seconds=chunk_seconds)
     elif uris:
         from tinysr_cli.distributed import run_here
+
+        if "," in device:
+            raise TinySRError(f"--device {device}: several devices work on local files; with URIs use one, or --ray")
 
         failures = run_here(plan, options)
     else:
@@ -248,6 +256,19 @@ def check_options(
         usable = [name for name in OUTPUT_FORMATS if name in FORMATS]
         if output_format.lower() not in usable:
             raise TinySRError(f"--format {output_format}: unknown output format", hint=f"choose from {', '.join(usable)}")
+
+
+def check_devices(device: str, *, ray: bool) -> None:
+    """Refuse a device this machine lacks before planning; with --ray the workers' devices count, not
+    the driver's, and Ray gives each worker its own GPU, so a list is refused there."""
+    from tinysr_cli.engine.device import resolve_devices
+    from tinysr_cli.errors import TinySRError
+
+    if ray:
+        if "," in device:
+            raise TinySRError(f"--device {device}: with --ray each worker gets one GPU; use --workers to use several")
+        return
+    resolve_devices(device)
 
 
 def default_suffix(scale: float | None, width: int | None, height: int | None) -> str:

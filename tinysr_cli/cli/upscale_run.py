@@ -66,13 +66,14 @@ def run_batch(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
     decided_count = len(decided)
     inputs = frozenset(job.source.resolve() for job in plan.jobs)
     try:
-        upscaler = pipeline.load_upscaler(options, warn=console.warn) if pending else None
+        upscalers = pipeline.load_upscalers(options, warn=console.warn) if pending else []
         # Progress only on a terminal (logs get the result and summary lines, not bar redraws).
         show = not options.quiet and console.stderr.is_terminal
         with console.progress_bar(disable=not show) as bar:
             files_task = bar.add_task("files", total=len(pending), eta=None)
             tiles_task = bar.add_task("", total=None, visible=False)
             batch_started = time.perf_counter()
+            several = len(upscalers) > 1  # files run at once: only the files bar (see pipeline.upscale_jobs)
 
             def on_progress(stage: str, current: int, total: int) -> None:
                 # The engine reports backbone tiles; before the first report it encodes, after the last it decodes.
@@ -92,17 +93,26 @@ def run_batch(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
                 else:
                     console.stdout.print(text, markup=False)
 
-            for index, job in enumerate(pending):
-                bar.update(files_task, description=f"files {_short(job.source.name, 20)}")
-                is_video = pipeline.input_kind(job.source) == "video"
-                bar.reset(tiles_task, total=None, description="frames" if is_video else "encode (VAE)", visible=not is_video)
-                result = pipeline.upscale_job(
-                    upscaler, job, options, inputs=inputs, progress=on_progress, video_progress=on_video_progress
-                )
+            def announce(index: int) -> None:
+                """The bars for the job about to run (one device), or the device count (several)."""
+                if several:
+                    bar.update(files_task, description=f"files ({len(upscalers)} devices)")
+                    return
+                if index < len(pending):
+                    job = pending[index]
+                    bar.update(files_task, description=f"files {_short(job.source.name, 20)}")
+                    is_video = pipeline.input_kind(job.source) == "video"
+                    bar.reset(tiles_task, total=None, description="frames" if is_video else "encode (VAE)", visible=not is_video)
+
+            announce(0)
+            results = pipeline.upscale_jobs(
+                upscalers, pending, options, inputs=inputs, progress=on_progress, video_progress=on_video_progress
+            )
+            for finished, result in enumerate(results, start=1):
                 record(result, result_line)
-                finished = index + 1
                 elapsed = time.perf_counter() - batch_started
                 bar.update(files_task, advance=1, eta=elapsed / finished * (len(pending) - finished))
+                announce(finished)
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
         left = len(pending) - (sum(counts.values()) - decided_count)

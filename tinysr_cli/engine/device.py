@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from tinysr_cli.errors import TinySRError
@@ -34,7 +36,9 @@ def resolve_device(name: str = "auto") -> torch.device:
                 "no CUDA device is visible", hint="check the driver and CUDA_VISIBLE_DEVICES, or use {opt:device} cpu", option="device"
             )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise TinySRError(f"{name}: only {torch.cuda.device_count()} CUDA device(s) are visible", option="device")
+            raise TinySRError(
+                f"{{opt:device}} {name}: only {torch.cuda.device_count()} CUDA device(s) are visible", option="device"
+            )
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise TinySRError("MPS is not available on this machine", hint="use {opt:device} cpu", option="device")
     elif device.type not in {"cpu", "cuda", "mps"}:
@@ -42,27 +46,55 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def resolve_devices(names: str) -> list[torch.device]:
-    """``cuda:0,1`` (or ``cuda:0,cuda:1``) -> one checked device per entry; a single name gives one.
+def resolve_devices(names: str | Sequence[str]) -> list[torch.device]:
+    """Several devices, each checked: ``cuda:0,1`` or ``cuda:0,cuda:1`` (the command line's form), or a
+    list of names (the library's). A single name gives one device, as :func:`resolve_device`.
 
-    Only CUDA devices may be listed together, each once. The CLI does not spread files across
-    several devices yet: this is the parsing and checking such a mode needs.
+    Only CUDA devices are listed together in text, each once. A Python list may also repeat ``cpu``
+    (``["cpu", "cpu"]``: two models on two threads), which the scheduler's tests use; the command line
+    refuses it because two CPU models share the same cores and only double the memory.
     """
-    entries = [entry.strip() for entry in names.split(",")]
-    if len(entries) == 1:
-        return [resolve_device(entries[0])]
-    if not entries[0].lower().startswith("cuda") or any(not entry for entry in entries):
-        raise TinySRError(f"cannot list devices {names!r}", hint="several devices are written cuda:0,1")
-    names_checked = []
-    for entry in entries:
-        name = entry if entry.lower().startswith("cuda") else f"cuda:{entry}"
-        if not name.lower().removeprefix("cuda:").isdigit():
-            raise TinySRError(f"cannot list devices {names!r}: {entry!r} is not a CUDA device index", hint="several devices are written cuda:0,1")
-        names_checked.append(name)
-    devices = [resolve_device(name) for name in names_checked]
-    if len(set(devices)) != len(devices):
-        raise TinySRError(f"{names}: a device is listed twice")
+    if isinstance(names, str):
+        text = names.strip()
+        entries = [entry.strip().lower() for entry in text.split(",")]
+        if len(entries) == 1:
+            return [resolve_device(entries[0])]
+        if any(not entry for entry in entries):
+            raise TinySRError(f"{{opt:device}} {text}: an empty entry in the list", hint=_LIST_HINT, option="device")
+        if any(entry.split(":")[0] in {"cpu", "mps", "auto"} for entry in entries):
+            raise TinySRError(
+                f"{{opt:device}} {text}: only CUDA GPUs can be listed together (one CPU model already uses every core)",
+                hint=_LIST_HINT, option="device",
+            )
+        expanded = []
+        for entry in entries:
+            name = entry if entry.startswith("cuda") else f"cuda:{entry}"
+            if not name.removeprefix("cuda:").isdigit():
+                raise TinySRError(f"{{opt:device}} {text}: {entry!r} names no GPU index", hint=_LIST_HINT, option="device")
+            expanded.append(name)
+        repeat_cpu = False
+    else:
+        expanded = [str(name).strip().lower() for name in names]
+        if not expanded:
+            raise TinySRError("{opt:device}: the list of devices is empty", option="device")
+        if len(expanded) == 1:
+            return [resolve_device(expanded[0])]
+        repeat_cpu = True
+        text = ",".join(expanded)
+    devices = [resolve_device(name) for name in expanded]
+    if len({device.type for device in devices}) > 1:
+        raise TinySRError(f"{{opt:device}} {text}: mixes device types; list GPUs only, or one CPU", option="device")
+    if "auto" in expanded or devices[0].type not in {"cuda", "cpu"} or (devices[0].type == "cpu" and not repeat_cpu):
+        raise TinySRError(f"{{opt:device}} {text}: only CUDA GPUs can be listed together", hint=_LIST_HINT, option="device")
+    if devices[0].type == "cuda":
+        devices = [torch.device("cuda", device.index if device.index is not None else 0) for device in devices]
+        if len(set(devices)) != len(devices):
+            twice = next(str(device) for device in devices if devices.count(device) > 1)
+            raise TinySRError(f"{{opt:device}} {text}: {twice} is listed twice", hint=_LIST_HINT, option="device")
     return devices
+
+
+_LIST_HINT = "several GPUs are written cuda:0,1 or cuda:0,cuda:1"
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
