@@ -64,3 +64,15 @@ def test_bench_without_peft_says_what_is_missing(tmp_path):
     assert "Error: the official-style comparison needs the peft package, which is not installed" in result.stderr
     assert 'Hint: pip install "tinysr[bench]", or pass --no-official' in result.stderr
     assert "Traceback" not in result.stderr and "TSD-SR" not in result.stderr  # the 2.1 B comparison is opt-in
+
+
+def test_run_suite_is_a_library_call_yielding_each_pipeline_in_order():
+    ours = Upscaler(init_weights("tiny", seed=0), device=torch.device("cpu"), dtype=torch.float32)
+    heard: list[str] = []
+    suite = bench.run_suite(ours, 64, 0, 1, official=True, span=True, step=heard.append)
+    first = next(suite)  # a generator: what was measured before an interrupt is kept by the caller
+    assert first.pipeline == "tinysr" and heard == ["timing our engine ..."]
+    rest = list(suite)
+    assert [m.pipeline for m in rest] == ["official-style", "span-x4"]
+    assert heard == ["timing our engine ...", "timing the official-style pipeline ...", "timing span-x4 ..."]
+    assert all(m.runs == 1 and m.latency_s > 0 and m.megapixels_per_s is None for m in (first, *rest))

@@ -13,7 +13,7 @@ import resource
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from tinysr_cli.counting import TSD_SR_PROMPT_TOKENS
-from tinysr_cli.engine.upscaler import Upscaler
+from tinysr_cli.engine.upscaler import UpscaleOptions, Upscaler
+from tinysr_cli.errors import TinySRError
 from tinysr_cli.models.tinysr import UPSCALE, TinySR
 from tinysr_cli.models.transformer import ModulatedTransformer
 
@@ -197,3 +198,54 @@ def with_compiled_backbone(model: TinySR, device: torch.device) -> TinySR:
     """A shallow copy of ``model`` whose backbone runs through ``torch.compile`` (CUDA graphs on GPU)."""
     mode = "max-autotune" if device.type == "cuda" else None
     return with_backbone(model, torch.compile(model.transformer, mode=mode, dynamic=False))
+
+
+def run_suite(
+    ours: Upscaler,
+    size: int,
+    large: int,
+    runs: int,
+    *,
+    official: bool = True,
+    tsdsr: bool = False,
+    span: bool = False,
+    realesrgan: bool = False,
+    compile_model: bool = False,
+    step: Callable[[str], None] = lambda message: None,
+) -> Iterator[Measurement]:
+    """Our engine, then each comparison asked for, one `Measurement` at a time, on ``ours``'s device
+    and precision (a generator, so an interrupted run keeps what it measured). ``step`` hears what
+    is being timed. Comparisons whose packages are missing raise `TinySRError` naming the extra."""
+    from tinysr_cli.engine.pixel import load_pixel_upscaler
+
+    device, dtype = ours.device, ours.dtype
+    step("timing our engine ...")
+    yield measure_upscaler("tinysr", ours, size, large, runs, f"batch {ours.batch_size}, folded, merged")
+    if compile_model:
+        step("timing our engine with torch.compile ...")
+        fast = Upscaler(with_compiled_backbone(ours.model, device), device=device, dtype=dtype, options=ours.options)
+        yield measure_upscaler("tinysr+compile", fast, size, large, runs, "torch.compile")
+    if official:
+        step("timing the official-style pipeline ...")
+        try:
+            official_model = official_style(ours.model)
+        except ModuleNotFoundError as exc:
+            raise TinySRError(
+                f"the official-style comparison needs the {exc.name} package, which is not installed",
+                hint='pip install "tinysr[bench]"', option="official",
+            ) from None
+        slow = Upscaler(official_model, device=device, dtype=dtype, options=UpscaleOptions(batch_size=1))
+        yield measure_upscaler("official-style", slow, size, large, runs, "run-time modulation, unmerged rank-64 LoRA, batch 1")
+    if tsdsr:
+        step("timing the TSD-SR architecture (building 2.1 B random parameters) ...")
+        try:
+            yield measure_tsdsr(device, dtype, size, max(1, min(runs, 3)))
+        except ModuleNotFoundError as exc:
+            raise TinySRError(
+                f"{{opt:tsdsr}} needs the {exc.name} package, which is not installed", hint='pip install "tinysr[bench]"', option="tsdsr"
+            ) from None
+    peers = (("span-x4", span, "SPAN x4 via spandrel, exact tiles"), ("realesrgan-x4plus", realesrgan, "RRDBNet via spandrel, exact tiles"))
+    for name, wanted, note in peers:
+        if wanted:
+            step(f"timing {name} ...")
+            yield measure_upscaler(name, load_pixel_upscaler(name, device, dtype), size, large, runs, note)

@@ -31,6 +31,7 @@ def bench_command(
 
     Ctrl-C stops the run and prints what was measured so far.
     """
+    from tinysr_cli import bench
     from tinysr_cli.engine.device import resolve_device, resolve_precision
     from tinysr_cli.engine.upscaler import UpscaleOptions, Upscaler
     from tinysr_cli.errors import TinySRError
@@ -54,51 +55,22 @@ def bench_command(
             console.note(message)
 
     results = []
+    suite = bench.run_suite(
+        ours, size, large, runs, official=official, tsdsr=tsdsr, span=span, realesrgan=realesrgan,
+        compile_model=compile_model, step=step,
+    )
     try:
-        _measure(results, step, ours, target, dtype, size, large, runs, official, tsdsr, span, realesrgan, compile_model)
+        for measurement in suite:  # one at a time: Ctrl-C keeps what was measured
+            results.append(measurement)
     except KeyboardInterrupt:
         if not results:
             raise
         console.note(f"interrupted: printing the {len(results)} result(s) measured so far")
+    except TinySRError as exc:
+        if exc.option != "official":
+            raise
+        raise TinySRError(exc.template, hint=f"{exc.hint_template}, or pass --no-official", option=exc.option) from None
     _report(results, target, dtype, size, large, json_output)
-
-
-def _measure(results, step, ours, target, dtype, size, large, runs, official, tsdsr, span, realesrgan, compile_model) -> None:
-    from tinysr_cli import bench
-    from tinysr_cli.engine.pixel import load_pixel_upscaler
-    from tinysr_cli.engine.upscaler import UpscaleOptions, Upscaler
-    from tinysr_cli.errors import TinySRError
-
-    step("timing our engine ...")
-    results.append(bench.measure_upscaler("tinysr", ours, size, large, runs, f"batch {ours.batch_size}, folded, merged"))
-    if compile_model:
-        step("timing our engine with torch.compile ...")
-        fast = Upscaler(bench.with_compiled_backbone(ours.model, target), device=target, dtype=dtype, options=ours.options)
-        results.append(bench.measure_upscaler("tinysr+compile", fast, size, large, runs, "torch.compile"))
-    if official:
-        step("timing the official-style pipeline ...")
-        try:
-            official_model = bench.official_style(ours.model)
-        except ModuleNotFoundError as exc:
-            raise TinySRError(
-                f"the official-style comparison needs the {exc.name} package, which is not installed",
-                hint='pip install "tinysr[bench]", or pass --no-official',
-            ) from None
-        slow = Upscaler(official_model, device=target, dtype=dtype, options=UpscaleOptions(batch_size=1))
-        note = "run-time modulation, unmerged rank-64 LoRA, batch 1"
-        results.append(bench.measure_upscaler("official-style", slow, size, large, runs, note))
-    if tsdsr:
-        step("timing the TSD-SR architecture (building 2.1 B random parameters) ...")
-        try:
-            results.append(bench.measure_tsdsr(target, dtype, size, max(1, min(runs, 3))))
-        except ModuleNotFoundError as exc:
-            raise TinySRError(
-                f"--tsdsr needs the {exc.name} package, which is not installed", hint='pip install "tinysr[bench]"'
-            ) from None
-    for name, wanted, note in (("span-x4", span, "SPAN x4 via spandrel, exact tiles"), ("realesrgan-x4plus", realesrgan, "RRDBNet via spandrel, exact tiles")):
-        if wanted:
-            step(f"timing {name} ...")
-            results.append(bench.measure_upscaler(name, load_pixel_upscaler(name, target, dtype), size, large, runs, note))
 
 
 def _report(results, target, dtype, size, large, json_output) -> None:
