@@ -52,7 +52,7 @@ def _rss_mib() -> float:
 
 
 @contextmanager
-def peak_memory(device: torch.device):
+def peak_memory(device: torch.device) -> Iterator[dict[str, float | None]]:
     """Yields a dict filled on exit with ``host_mib`` and ``device_mib`` peaks."""
     result: dict[str, float | None] = {}
     peak = [_rss_mib()]

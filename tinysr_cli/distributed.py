@@ -31,11 +31,17 @@ import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tinysr_cli.errors import TinySRError
 from tinysr_cli.io.paths import Job, Plan
 from tinysr_cli import storage
 from tinysr_cli.storage import UriJob, job_for
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from tinysr_cli.pipeline import BatchOptions, Upscalers
 
 __all__ = [
     "Outcome",
@@ -101,7 +107,7 @@ def shard_plan(plan: Plan, index: int, count: int) -> Plan:
 # ------------------------------------------------------------------------------------- the per-file path
 
 
-def triage(plan: Plan, options) -> tuple[list[Job], list[Outcome]]:
+def triage(plan: Plan, options: BatchOptions) -> tuple[list[Job], list[Outcome]]:
     """The checks `tinysr upscale` makes before loading the model: jobs to run, and outcomes decided
     already (output is the input, two inputs sharing an output, existing outputs skipped)."""
     pending: list[Job | UriJob] = []
@@ -144,7 +150,7 @@ class Worker:
         self._upscaler = None
 
     @property
-    def upscaler(self):
+    def upscaler(self) -> Upscalers:
         if self._upscaler is None:
             from tinysr_cli.pipeline import load_upscaler
 
@@ -224,7 +230,7 @@ class Worker:
         return replace(outcome, source=job.source, output=output, message=message, seconds=time.perf_counter() - started)
 
 
-def run_local(jobs: Iterable[Job], options) -> Iterator[Outcome]:
+def run_local(jobs: Iterable[Job], options: BatchOptions) -> Iterator[Outcome]:
     """The jobs one after another in this process (what a shard without Ray runs)."""
     worker = Worker(options)
     for job in jobs:
@@ -285,13 +291,13 @@ def _uses_gpu(options, resources: dict) -> bool:
 
 def run_ray(
     plan: Plan,
-    options,
+    options: BatchOptions,
     *,
     address: str | None = None,
     workers: int | None = None,
     items_per_block: int = 16,
     chunk_seconds: float = 0,
-    on_outcome=None,
+    on_outcome: Callable[[Outcome], None] | None = None,
 ) -> list[Outcome]:
     """Every job of ``plan`` through an actor pool on Ray; returns one outcome per job.
 
@@ -459,7 +465,7 @@ def summarise(outcomes: list[Outcome], quiet: bool) -> list[tuple[Path, str]]:
     return [(Path(o.source), o.message) for o in failed]
 
 
-def run_cluster(plan: Plan, options, *, address: str | None, workers: int | None, chunk_seconds: float = 0) -> list[tuple[Path, str]]:
+def run_cluster(plan: Plan, options: BatchOptions, *, address: str | None, workers: int | None, chunk_seconds: float = 0) -> list[tuple[Path, str]]:
     """`tinysr upscale --ray`: the plan on Ray, reported like the single-process batch."""
     from tinysr_cli.cli import console
 
@@ -481,7 +487,7 @@ def _planning_failures(plan: Plan) -> list[Outcome]:
     return failures
 
 
-def run_here(plan: Plan, options) -> list[tuple[Path, str]]:
+def run_here(plan: Plan, options: BatchOptions) -> list[tuple[Path, str]]:
     """`tinysr upscale` with URIs and without Ray: the jobs one after another in this process."""
     from tinysr_cli.cli import console
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from tinysr_cli.cli import console
+
+if TYPE_CHECKING:
+    from tinysr_cli.io.paths import Plan
 
 _ENGINE = "Engine"
 _OUTPUT = "Output"
@@ -209,7 +212,7 @@ MAX_SCALE = 16
 MAX_SIDE = 65535
 
 
-def plan_uri_inputs(inputs: list[str], output: str | None, *, video_only: bool, images_only: bool, **naming):
+def plan_uri_inputs(inputs: list[str], output: str | None, *, video_only: bool, images_only: bool, **naming: object) -> Plan:
     """``plan_inputs`` for URIs (docs/distributed.md): objects chosen by suffix, nothing downloaded."""
     from tinysr_cli import storage
     from tinysr_cli.errors import TinySRError

@@ -166,7 +166,7 @@ def _copy_chunk(source: Path, chunk: Chunk, target: Path) -> None:
         raise InputError(f"{source}: no keyframe at {chunk.start} to start chunk {chunk.index} from")
 
 
-def upscale_chunk(source: Path, chunk: Chunk, target: Path, upscale_frames, **settings) -> Path:
+def upscale_chunk(source: Path, chunk: Chunk, target: Path, upscale_frames: video.FrameUpscaler, **settings: object) -> Path:
     """Upscale one chunk of ``source`` into ``target`` (written whole or not at all); ``settings``
     go to ``upscale_video`` (codec, crf, pix_fmt, batch_size)."""
     with tempfile.TemporaryDirectory(prefix="tinysr-chunk-") as scratch:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tinysr_cli.errors import TinySRError
 from training.latent_cache import LatentCache, build_shards, cache_folder, cache_identity, cache_key, write_index
@@ -13,8 +14,11 @@ from training.stages.pairs import make_pair_source
 from training.stages.recipe import Recipe
 from training.teacher import load_teacher
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
-def ensure_cache(accelerator, recipe: Recipe, reporter: Reporter, fields: Sequence[str]) -> LatentCache:
+
+def ensure_cache(accelerator: Accelerator, recipe: Recipe, reporter: Reporter, fields: Sequence[str]) -> LatentCache:
     """Open the recipe's cache, building the missing shards first (each process builds every n-th)."""
     recipe.require("teacher", "cache")
     if recipe.data is None:

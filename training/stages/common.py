@@ -26,7 +26,7 @@ import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -35,6 +35,9 @@ from training.discriminator import DiscriminatorSpec, build_discriminator
 from training.losses import hinge_discriminator_loss, hinge_generator_loss
 from training.recipe_io import tomllib
 from training.stages.recipe import OptimSpec, Recipe, resumable_view
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "step-"
@@ -257,7 +260,7 @@ def launch_problem(num_processes: int, env: dict[str, str] | None = None, parent
     return None
 
 
-def check_launch(accelerator) -> None:
+def check_launch(accelerator: Accelerator) -> None:
     """Refuse a launch whose processes do not form one group (see ``launch_problem``)."""
     problem = launch_problem(accelerator.num_processes)
     if problem is not None:
@@ -427,7 +430,9 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 # ----------------------------------------------------------------------------- optimisation
 
 
-def make_optimizer(params: Sequence[torch.nn.Parameter], spec: OptimSpec, total_steps: int):
+def make_optimizer(
+    params: Sequence[torch.nn.Parameter], spec: OptimSpec, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW plus diffusers' LR schedule (``constant``, ``constant_with_warmup``, ``cosine``, ``linear``)."""
     from diffusers.optimization import get_scheduler
 
@@ -436,7 +441,8 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], spec: OptimSpec, total_
     return optimizer, scheduler
 
 
-def optimizer_step(run: Run, optimizer, scheduler, params: Sequence[torch.nn.Parameter]) -> float:
+def optimizer_step(
+    run: Run, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, params: Sequence[torch.nn.Parameter]) -> float:
     """Unscale (fp16), clip to ``max_grad_norm``, step, advance the schedule; returns the gradient norm."""
     run.accelerator.unscale_gradients(optimizer=optimizer)
     norm = torch.nn.utils.clip_grad_norm_(params, run.spec.max_grad_norm)

@@ -41,7 +41,7 @@ from tinysr_cli.weights.format import COLOR_FIXES, DTYPES_BY_NAME, save_weights
 from training.data import HRCrops, SyntheticPairs, derive_seed
 from training.degradations import PRESETS
 from training.latent_cache import bicubic_input, to_uint8
-from training.losses import build_perceptual, regression_loss
+from training.losses import PerceptualLoss, build_perceptual, regression_loss
 from training.photos import PhotoManifest, prepare_photos, read_manifest
 from training.recipe_io import RecipeError
 from training.stages.common import Reporter, Run, StageResult, StepBatches, data_loader, finite_or_raise, make_optimizer, optimizer_step
@@ -271,7 +271,7 @@ def restore(model: TinySR, lq: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- validation
 
 
-def validate(model: TinySR, pairs: PairsCache, perceptual, folder: Path | None) -> dict[str, float]:
+def validate(model: TinySR, pairs: PairsCache, perceptual: PerceptualLoss | None, folder: Path | None) -> dict[str, float]:
     """PSNR-Y / SSIM-Y (BasicSR) and the perceptual distance to the ground truth on held-out pairs."""
     from PIL import Image
 
