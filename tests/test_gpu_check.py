@@ -4,7 +4,6 @@ model and tiny sizes, so the check cannot be broken by the time a GPU session ru
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

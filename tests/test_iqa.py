@@ -7,9 +7,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest

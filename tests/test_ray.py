@@ -3,7 +3,6 @@ listed, a killed worker retried, a re-run doing nothing."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 from PIL import Image
 
 from cli_helpers import run_cli, tree_digest
-from conftest import photo
+from conftest import local_ray, photo
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
@@ -21,7 +20,6 @@ from tinysr_cli.pipeline import BatchOptions, plan_inputs  # noqa: E402
 from tinysr_cli.distributed import FAULT_ENV, run_ray  # noqa: E402
 from tinysr_cli.engine.upscaler import UpscaleOptions  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +27,8 @@ def cluster(tmp_path_factory):
     """One local Ray instance for the module (2 CPUs). Its worker processes inherit this environment:
     the repository on PYTHONPATH, and the fault injection (exit hard on the first try of victim.png)."""
     marker = tmp_path_factory.mktemp("fault") / "victim-crashed"
-    saved = {key: os.environ.get(key) for key in ("PYTHONPATH", FAULT_ENV, "OMP_NUM_THREADS")}
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), saved["PYTHONPATH"]]))
-    os.environ[FAULT_ENV] = f"victim.png={marker}"
-    os.environ["OMP_NUM_THREADS"] = "1"
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    try:
-        yield ray.get_runtime_context().gcs_address, marker
-    finally:
-        ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with local_ray(**{FAULT_ENV: f"victim.png={marker}"}) as address:
+        yield address, marker
 
 
 def _options(weights) -> BatchOptions:

@@ -3,8 +3,6 @@ the single-machine result; a folder on a local S3-compatible server (moto) in an
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +10,7 @@ import pytest
 from PIL import Image
 
 from cli_helpers import tree_digest
-from conftest import photo
+from conftest import local_ray, photo
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
@@ -27,25 +25,13 @@ from tinysr_cli.pipeline import plan_inputs  # noqa: E402
 from tinysr_cli.distributed import run_ray  # noqa: E402
 from tinysr_cli.io import video_chunks  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def cluster(s3):
     """A local Ray instance (2 CPUs) started after the S3 server, so its workers inherit its settings."""
-    saved = {key: os.environ.get(key) for key in ("PYTHONPATH", "OMP_NUM_THREADS")}
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), saved["PYTHONPATH"]]))
-    os.environ["OMP_NUM_THREADS"] = "1"
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    try:
+    with local_ray():
         yield
-    finally:
-        ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 from test_storage import s3  # noqa: E402,F401  (the module-scoped server fixture)

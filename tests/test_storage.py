@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ from conftest import photo
 pafs = pytest.importorskip("pyarrow.fs")
 moto_server = pytest.importorskip("moto.server")
 
-from tinysr_cli import storage  # noqa: E402
 from tinysr_cli.cli.upscale import plan_uri_inputs  # noqa: E402
 from tinysr_cli.cli.upscale_run import run_batch  # noqa: E402
 from tinysr_cli.pipeline import BatchOptions, plan_inputs  # noqa: E402
@@ -35,19 +33,15 @@ def s3():
         "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
         "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
     }
-    saved = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)
     try:
-        filesystem = pafs.S3FileSystem(endpoint_override=settings["AWS_ENDPOINT_URL"], allow_bucket_creation=True)
-        filesystem.create_dir(BUCKET)
-        yield filesystem
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in settings.items():
+                patch.setenv(key, value)
+            filesystem = pafs.S3FileSystem(endpoint_override=settings["AWS_ENDPOINT_URL"], allow_bucket_creation=True)
+            filesystem.create_dir(BUCKET)
+            yield filesystem
     finally:
         server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def upload(filesystem, folder: Path, prefix: str) -> None:

@@ -7,8 +7,6 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from tinysr_cli.cli import console
-
 if TYPE_CHECKING:
     from tinysr_cli.io.paths import Plan
 
