@@ -417,7 +417,7 @@ def test_interrupted_video_with_keep_partial_says_where_the_part_is_and_a_rerun_
     assert "interrupted: 0 done, 1 left; run the same command to resume" in stderr
     with av.open(str(partial)) as container:
         kept = sum(1 for _ in container.decode(video=0))
-    assert 0 < kept < 240
-    resumed = run_cli(*command)
+    assert 0 < kept < 240, kept
+    resumed = run_cli(*command[:-2], "bicubic", "--keep-partial")  # any successful run of that video: a quick model
     assert resumed.returncode == 0, resumed.stderr
     assert sorted(p.name for p in out.iterdir()) == ["clip_x4.mkv"]  # the old part is gone with the whole video here
