@@ -202,16 +202,16 @@ def join_chunks(source: Path, parts: list[tuple[Chunk, Path]], output: Path) -> 
         with _open(source) as original:
             main = _main_stream(original, source)
             origin = timeline_origin(original)
-            offsets = []
+            offsets, starts = [], []
             for (chunk, _), container, stream in zip(parts, chunks, streams):
-                earliest = min(p.pts for p in _packets(container, stream))
-                offsets.append(round((chunk.start * main.time_base - origin) / first.time_base) - earliest)
+                stamps = [p.pts for p in _packets(container, stream)]
+                offset = round((chunk.start * main.time_base - origin) / first.time_base) - min(stamps)
+                offsets.append(offset)
+                starts.extend(stamp + offset for stamp in stamps)
                 container.seek(0, stream=stream)
             # Every frame lasts until the next one starts, as in the single-machine encode; the last keeps its own.
-            starts = sorted(p.pts + offset for c, s, offset in zip(chunks, streams, offsets) for p in _packets(c, s))
+            starts.sort()
             durations = {stamp: following - stamp for stamp, following in zip(starts, starts[1:])}
-            for container, stream in zip(chunks, streams):
-                container.seek(0, stream=stream)
             prepare_output_folder(output)
             with atomic_path(output) as tmp:
                 with av.open(str(tmp), "w", format=video.CONTAINERS[output.suffix.lower()]) as out:
